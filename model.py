@@ -1,0 +1,518 @@
+"""FLUX.2 [klein] transformer in plain PyTorch, with the reference-token path made explicit.
+
+Token layout inside the model: [text | target | references]. References are any set of reference
+tokens (all of them, or the subset Sparse Context keeps) with their original (t, h, w, l) ids; since
+positions come only from the ids, dropping a token is just dropping a row of (ref, ref_ids).
+
+Two ways references can attend (see `attention`):
+  - standard klein: references get the current t and attend to everything (full attention);
+  - the KV pattern (klein-9b-kv): references get t = 0 and attend only to references, so their K/V
+    never change across denoising steps and can be computed once and cached (`KVCache`).
+
+Parameter names follow BFL's single-file checkpoints; diffusers folders are converted on load.
+"""
+
+import json
+import math
+import os
+import re
+from dataclasses import dataclass, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors import safe_open
+
+
+@dataclass
+class Flux2Config:
+    in_channels: int = 128  # 32 VAE latent channels x 2x2 patch
+    hidden_size: int = 3072
+    num_heads: int = 24
+    depth: int = 5  # double-stream blocks
+    depth_single: int = 20  # single-stream blocks
+    context_dim: int = 7680  # 3 x Qwen3 hidden size (three hidden layers stacked)
+    mlp_ratio: float = 3.0
+    axes_dim: tuple = (32, 32, 32, 32)  # RoPE dims of the (t, h, w, l) axes; sums to head_dim
+    theta: int = 2000
+    time_dim: int = 256  # sinusoidal timestep features
+    eps: float = 1e-6
+
+    @property
+    def head_dim(self):
+        return self.hidden_size // self.num_heads
+
+    @property
+    def mlp_hidden(self):
+        return int(self.hidden_size * self.mlp_ratio)
+
+    @classmethod
+    def from_name(cls, name):
+        presets = {
+            "klein-4b": dict(hidden_size=3072, num_heads=24, depth=5, depth_single=20, context_dim=7680),
+            "klein-9b": dict(hidden_size=4096, num_heads=32, depth=8, depth_single=24, context_dim=12288),
+        }
+        if name not in presets:
+            raise ValueError(f"unknown config {name!r}; choose from {sorted(presets)}")
+        return cls(**presets[name])
+
+
+# ----------------------------------------------------------------------------------------------
+# Building blocks
+
+
+def timestep_embedding(t, dim, max_period=10000):
+    """Sinusoidal features [cos | sin] of t (B,) -> (B, dim), computed in float32."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t.float()[:, None] * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+def rope(ids, axes_dim, theta):
+    """Rotation angles for 4-axis ids (B, L, 4) -> cos, sin (B, 1, L, head_dim / 2), float32."""
+    angles = []
+    for i, d in enumerate(axes_dim):
+        omega = 1.0 / theta ** (torch.arange(0, d, 2, dtype=torch.float64, device=ids.device) / d)
+        angles.append(ids[..., i].double()[..., None] * omega)  # (B, L, d / 2)
+    angles = torch.cat(angles, dim=-1)
+    return angles.cos().float()[:, None], angles.sin().float()[:, None]
+
+
+def apply_rope(x, pe):
+    """Rotate interleaved pairs (x[2j], x[2j+1]) of x (B, H, L, D) by the angles in pe."""
+    cos, sin = pe
+    x0, x1 = x.float().unflatten(-1, (-1, 2)).unbind(-1)  # (B, H, L, D / 2) each
+    out = torch.stack([x0 * cos - x1 * sin, x1 * cos + x0 * sin], dim=-1)
+    return out.flatten(-2).type_as(x)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps=1e-6):
+        super().__init__()
+        self.eps = eps
+        self.scale = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        rrms = torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.eps)
+        return (x.float() * rrms).type_as(x) * self.scale
+
+
+class QKNorm(nn.Module):
+    """Per-head RMSNorm of queries and keys (over head_dim), before RoPE."""
+
+    def __init__(self, head_dim):
+        super().__init__()
+        self.query_norm = RMSNorm(head_dim)
+        self.key_norm = RMSNorm(head_dim)
+
+    def forward(self, q, k):
+        return self.query_norm(q), self.key_norm(k)
+
+
+class MLPEmbedder(nn.Module):
+    def __init__(self, in_dim, hidden):
+        super().__init__()
+        self.in_layer = nn.Linear(in_dim, hidden, bias=False)
+        self.out_layer = nn.Linear(hidden, hidden, bias=False)
+
+    def forward(self, x):
+        return self.out_layer(F.silu(self.in_layer(x)))
+
+
+class SwiGLU(nn.Module):
+    def forward(self, x):
+        gate, up = x.chunk(2, dim=-1)
+        return F.silu(gate) * up
+
+
+class Modulation(nn.Module):
+    """Shift, scale and gate vectors from the timestep embedding, shared by every block."""
+
+    def __init__(self, dim, double):
+        super().__init__()
+        self.n = 6 if double else 3
+        self.lin = nn.Linear(dim, self.n * dim, bias=False)
+
+    def forward(self, vec):
+        return self.lin(F.silu(vec))[:, None].chunk(self.n, dim=-1)  # n x (B, 1, D)
+
+
+def per_token(mods, ref_mods, n_ref, seq_len):
+    """Give the last n_ref tokens the references' own modulation: n x (B, seq_len, D)."""
+    if not n_ref:
+        return mods
+    B = mods[0].shape[0]
+    return tuple(
+        torch.cat([m.expand(B, seq_len - n_ref, -1), r.expand(B, n_ref, -1)], dim=1) for m, r in zip(mods, ref_mods)
+    )
+
+
+def modulate(x, shift, scale, eps):
+    return (1 + scale) * F.layer_norm(x, x.shape[-1:], eps=eps) + shift
+
+
+class KVCache:
+    """Reference K/V (after QK-norm and RoPE) of every block, from the step that extracted them.
+
+    Empty: the next forward with references runs them in the KV pattern and fills it.
+    Filled: later forwards take no references and attend to these instead.
+    """
+
+    def __init__(self):
+        self.kv = []  # one (k, v) per block, each (B, H, M, D); double blocks first
+
+    def __len__(self):
+        return len(self.kv)
+
+    @property
+    def num_ref_tokens(self):
+        return self.kv[0][0].shape[2] if self.kv else 0
+
+    def clear(self):
+        self.kv = []
+
+
+def attention(q, k, v, n_ref, cache=None, layer=0):
+    """Joint attention over [text | target | references]; q, k, v (B, H, L, D) -> (B, L, H * D).
+
+    n_ref > 0 selects the KV pattern: the last n_ref tokens (references) attend only to themselves,
+    the rest attend to all. This is the one place where reference K/V are cached and reused.
+    """
+    if cache is not None and len(cache) > layer and n_ref == 0:  # cached step: no reference compute
+        k_ref, v_ref = cache.kv[layer]
+        out = F.scaled_dot_product_attention(q, torch.cat([k, k_ref], dim=2), torch.cat([v, v_ref], dim=2))
+    elif n_ref:
+        if cache is not None:
+            cache.kv.append((k[:, :, -n_ref:], v[:, :, -n_ref:]))
+        main = F.scaled_dot_product_attention(q[:, :, :-n_ref], k, v)
+        ref = F.scaled_dot_product_attention(q[:, :, -n_ref:], k[:, :, -n_ref:], v[:, :, -n_ref:])
+        out = torch.cat([main, ref], dim=2)
+    else:
+        out = F.scaled_dot_product_attention(q, k, v)
+    return out.transpose(1, 2).flatten(2)
+
+
+def split_heads(qkv, num_heads):
+    """(B, L, 3 * H * D) -> q, k, v (B, H, L, D)."""
+    return qkv.unflatten(-1, (3, num_heads, -1)).permute(2, 0, 3, 1, 4).unbind(0)
+
+
+class SelfAttention(nn.Module):
+    """The projections of one stream of a double block (attention itself is joint)."""
+
+    def __init__(self, dim, num_heads):
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.norm = QKNorm(dim // num_heads)
+        self.proj = nn.Linear(dim, dim, bias=False)
+
+    def qkv_heads(self, x):
+        q, k, v = split_heads(self.qkv(x), self.num_heads)
+        q, k = self.norm(q, k)
+        return q, k, v
+
+
+class DoubleStreamBlock(nn.Module):
+    """Text and image streams with their own weights, joined only in attention."""
+
+    def __init__(self, cfg: Flux2Config):
+        super().__init__()
+        D, M = cfg.hidden_size, cfg.mlp_hidden
+        self.eps = cfg.eps
+        self.img_attn = SelfAttention(D, cfg.num_heads)
+        self.img_mlp = nn.Sequential(nn.Linear(D, 2 * M, bias=False), SwiGLU(), nn.Linear(M, D, bias=False))
+        self.txt_attn = SelfAttention(D, cfg.num_heads)
+        self.txt_mlp = nn.Sequential(nn.Linear(D, 2 * M, bias=False), SwiGLU(), nn.Linear(M, D, bias=False))
+
+    def forward(self, img, txt, img_mod, txt_mod, pe, n_ref, cache, layer):
+        # img (B, N + M, D): target then reference tokens (both use the image weights); txt (B, L, D)
+        i_shift1, i_scale1, i_gate1, i_shift2, i_scale2, i_gate2 = img_mod
+        t_shift1, t_scale1, t_gate1, t_shift2, t_scale2, t_gate2 = txt_mod
+        iq, ik, iv = self.img_attn.qkv_heads(modulate(img, i_shift1, i_scale1, self.eps))
+        tq, tk, tv = self.txt_attn.qkv_heads(modulate(txt, t_shift1, t_scale1, self.eps))
+        q = apply_rope(torch.cat([tq, iq], dim=2), pe)
+        k = apply_rope(torch.cat([tk, ik], dim=2), pe)
+        out = attention(q, k, torch.cat([tv, iv], dim=2), n_ref, cache, layer)
+        L = txt.shape[1]
+        img = img + i_gate1 * self.img_attn.proj(out[:, L:])
+        img = img + i_gate2 * self.img_mlp(modulate(img, i_shift2, i_scale2, self.eps))
+        txt = txt + t_gate1 * self.txt_attn.proj(out[:, :L])
+        txt = txt + t_gate2 * self.txt_mlp(modulate(txt, t_shift2, t_scale2, self.eps))
+        return img, txt
+
+
+class SingleStreamBlock(nn.Module):
+    """One stream over all tokens; attention and MLP run in parallel from one fused projection."""
+
+    def __init__(self, cfg: Flux2Config):
+        super().__init__()
+        D, M = cfg.hidden_size, cfg.mlp_hidden
+        self.num_heads, self.eps, self.split = cfg.num_heads, cfg.eps, (3 * D, 2 * M)
+        self.linear1 = nn.Linear(D, 3 * D + 2 * M, bias=False)  # [q | k | v | mlp gate | mlp up]
+        self.linear2 = nn.Linear(D + M, D, bias=False)  # on [attention out | mlp hidden]
+        self.norm = QKNorm(cfg.head_dim)
+        self.mlp_act = SwiGLU()
+
+    def forward(self, x, mod, pe, n_ref, cache, layer):
+        shift, scale, gate = mod
+        qkv, mlp = self.linear1(modulate(x, shift, scale, self.eps)).split(self.split, dim=-1)
+        q, k, v = split_heads(qkv, self.num_heads)
+        q, k = self.norm(q, k)
+        out = attention(apply_rope(q, pe), apply_rope(k, pe), v, n_ref, cache, layer)
+        return x + gate * self.linear2(torch.cat([out, self.mlp_act(mlp)], dim=-1))
+
+
+class LastLayer(nn.Module):
+    def __init__(self, dim, out_channels, eps):
+        super().__init__()
+        self.eps = eps
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim, bias=False))
+        self.linear = nn.Linear(dim, out_channels, bias=False)
+
+    def forward(self, x, vec):
+        shift, scale = self.adaLN_modulation(vec)[:, None].chunk(2, dim=-1)
+        return self.linear(modulate(x, shift, scale, self.eps))
+
+
+# ----------------------------------------------------------------------------------------------
+# The model
+
+
+class Flux2(nn.Module):
+    def __init__(self, cfg: Flux2Config):
+        super().__init__()
+        assert sum(cfg.axes_dim) == cfg.head_dim, "RoPE axes must cover head_dim"
+        self.cfg = cfg
+        D = cfg.hidden_size
+        self.img_in = nn.Linear(cfg.in_channels, D, bias=False)
+        self.txt_in = nn.Linear(cfg.context_dim, D, bias=False)
+        self.time_in = MLPEmbedder(cfg.time_dim, D)
+        self.double_stream_modulation_img = Modulation(D, double=True)
+        self.double_stream_modulation_txt = Modulation(D, double=True)
+        self.single_stream_modulation = Modulation(D, double=False)
+        self.double_blocks = nn.ModuleList(DoubleStreamBlock(cfg) for _ in range(cfg.depth))
+        self.single_blocks = nn.ModuleList(SingleStreamBlock(cfg) for _ in range(cfg.depth_single))
+        self.final_layer = LastLayer(D, cfg.in_channels, cfg.eps)
+        self.gradient_checkpointing = False
+
+    def forward(self, img, img_ids, txt, txt_ids, t, ref=None, ref_ids=None, kv_cache=None, kv_pattern=False):
+        """Velocity of the target tokens (B, N, C).
+
+        img (B, N, C) target tokens, img_ids (B, N, 4) or (N, 4); txt (B, L, J), txt_ids; t (B,) sigma
+        in [0, 1]; ref (B, M, C), ref_ids: any set of reference tokens with their original ids.
+        kv_cache: empty -> run the references in the KV pattern and store their K/V; filled -> reuse
+        them (pass no ref). kv_pattern=True gives the KV pattern without a cache (training).
+        """
+        B, N, _ = img.shape
+        cached = kv_cache is not None and len(kv_cache) > 0
+        if cached and ref is not None:
+            raise ValueError("the KV cache is already filled: call without ref to reuse it")
+        n_ref = 0 if ref is None else ref.shape[1]
+        kv = n_ref > 0 and (kv_pattern or kv_cache is not None)  # references at t = 0, self-attending
+
+        vec = self.time_in(timestep_embedding(t.to(img.dtype) * 1000, self.cfg.time_dim).to(img.dtype))
+        img_mod = self.double_stream_modulation_img(vec)
+        txt_mod = self.double_stream_modulation_txt(vec)
+        single_mod = self.single_stream_modulation(vec)
+        if kv:
+            ref_vec = self.time_in(timestep_embedding(torch.zeros_like(t, dtype=img.dtype), self.cfg.time_dim).to(img.dtype))
+            img_mod = per_token(img_mod, self.double_stream_modulation_img(ref_vec), n_ref, N + n_ref)
+            single_mod = per_token(single_mod, self.single_stream_modulation(ref_vec), n_ref, txt.shape[1] + N + n_ref)
+
+        ids = [txt_ids, img_ids] + ([ref_ids] if n_ref else [])
+        ids = torch.cat([(i if i.ndim == 3 else i[None]).expand(B, -1, -1) for i in ids], dim=1)
+        pe = rope(ids, self.cfg.axes_dim, self.cfg.theta)
+
+        x = self.img_in(img if not n_ref else torch.cat([img, ref], dim=1))  # (B, N + M, D)
+        c = self.txt_in(txt)  # (B, L, D)
+        n_kv = n_ref if kv else 0
+        cache = kv_cache if (kv or cached) else None
+        for i, block in enumerate(self.double_blocks):
+            x, c = self._run(block, x, c, img_mod, txt_mod, pe, n_kv, cache, i)
+        x = torch.cat([c, x], dim=1)
+        for i, block in enumerate(self.single_blocks):
+            x = self._run(block, x, single_mod, pe, n_kv, cache, self.cfg.depth + i)
+        x = x[:, c.shape[1] : c.shape[1] + N]
+        return self.final_layer(x, vec)
+
+    def _run(self, block, *args):
+        if self.gradient_checkpointing and torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False)
+        return block(*args)
+
+    @classmethod
+    def from_pretrained(cls, source, dtype=None, device=None):
+        """Load a diffusers transformer/ folder, a repository folder, a BFL single file or a hub id."""
+        cfg, sd = load_checkpoint(source)
+        with torch.device("meta"):
+            model = cls(cfg)
+        load_into(model, sd, dtype, device)
+        return model.eval()
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading: BFL single files load as they are; diffusers checkpoints are renamed to BFL names.
+
+
+def diffusers_to_bfl(sd):
+    """diffusers Flux2Transformer2DModel state dict -> BFL names (q/k/v fused, final shift/scale swapped)."""
+    out, sd = {}, dict(sd)
+    top = {
+        "x_embedder": "img_in",
+        "context_embedder": "txt_in",
+        "time_guidance_embed.timestep_embedder.linear_1": "time_in.in_layer",
+        "time_guidance_embed.timestep_embedder.linear_2": "time_in.out_layer",
+        "double_stream_modulation_img.linear": "double_stream_modulation_img.lin",
+        "double_stream_modulation_txt.linear": "double_stream_modulation_txt.lin",
+        "single_stream_modulation.linear": "single_stream_modulation.lin",
+        "proj_out": "final_layer.linear",
+    }
+    for a, b in top.items():
+        if f"{a}.weight" in sd:
+            out[f"{b}.weight"] = sd.pop(f"{a}.weight")
+    if "norm_out.linear.weight" in sd:
+        scale, shift = sd.pop("norm_out.linear.weight").chunk(2, dim=0)
+        out["final_layer.adaLN_modulation.1.weight"] = torch.cat([shift, scale], dim=0)
+    double = {
+        "attn.norm_q": "img_attn.norm.query_norm",
+        "attn.norm_k": "img_attn.norm.key_norm",
+        "attn.norm_added_q": "txt_attn.norm.query_norm",
+        "attn.norm_added_k": "txt_attn.norm.key_norm",
+        "attn.to_out.0": "img_attn.proj",
+        "attn.to_add_out": "txt_attn.proj",
+        "ff.linear_in": "img_mlp.0",
+        "ff.linear_out": "img_mlp.2",
+        "ff_context.linear_in": "txt_mlp.0",
+        "ff_context.linear_out": "txt_mlp.2",
+    }
+    single = {
+        "attn.to_qkv_mlp_proj": "linear1",
+        "attn.to_out": "linear2",
+        "attn.norm_q": "norm.query_norm",
+        "attn.norm_k": "norm.key_norm",
+    }
+    for key in list(sd):
+        m = re.fullmatch(r"(transformer_blocks|single_transformer_blocks)\.(\d+)\.(.+)\.weight", key)
+        if not m:
+            continue
+        kind, i, name = m.groups()
+        table, prefix = (double, "double_blocks") if kind == "transformer_blocks" else (single, "single_blocks")
+        suffix = "scale" if "norm" in name else "weight"
+        if name in table:
+            out[f"{prefix}.{i}.{table[name]}.{suffix}"] = sd.pop(key)
+        elif kind == "transformer_blocks" and name in ("attn.to_q", "attn.add_q_proj"):
+            p = "attn." if name == "attn.to_q" else "attn.add_"
+            names = [f"{kind}.{i}.{p}{x}.weight" for x in (("to_q", "to_k", "to_v") if p == "attn." else ("q_proj", "k_proj", "v_proj"))]
+            if all(n in sd for n in names):
+                stream = "img" if p == "attn." else "txt"
+                out[f"double_blocks.{i}.{stream}_attn.qkv.weight"] = torch.cat([sd.pop(n) for n in names], dim=0)
+    out.update(sd)  # anything left over is reported as unexpected by load_into
+    return out
+
+
+def config_from_diffusers(c):
+    return Flux2Config(
+        in_channels=c.get("in_channels", 128),
+        hidden_size=c["num_attention_heads"] * c["attention_head_dim"],
+        num_heads=c["num_attention_heads"],
+        depth=c["num_layers"],
+        depth_single=c["num_single_layers"],
+        context_dim=c["joint_attention_dim"],
+        mlp_ratio=c.get("mlp_ratio", 3.0),
+        axes_dim=tuple(c.get("axes_dims_rope", (32, 32, 32, 32))),
+        theta=c.get("rope_theta", 2000),
+        time_dim=c.get("timestep_guidance_channels", 256),
+        eps=c.get("eps", 1e-6),
+    )
+
+
+def config_from_bfl(sd):
+    """Infer the config of a BFL checkpoint from its tensor shapes."""
+    D, C = sd["img_in.weight"].shape
+    head_dim = sd["double_blocks.0.img_attn.norm.query_norm.scale"].shape[0]
+    count = lambda p: len({k.split(".")[1] for k in sd if k.startswith(p)})
+    axis = head_dim // 4
+    return Flux2Config(
+        in_channels=C,
+        hidden_size=D,
+        num_heads=D // head_dim,
+        depth=count("double_blocks."),
+        depth_single=count("single_blocks."),
+        context_dim=sd["txt_in.weight"].shape[1],
+        mlp_ratio=sd["double_blocks.0.img_mlp.2.weight"].shape[1] / D,
+        axes_dim=(axis,) * 4,
+        time_dim=sd["time_in.in_layer.weight"].shape[1],
+    )
+
+
+def read_safetensors(paths):
+    """Memory-mapped tensors of one or more safetensors files (no copy until used)."""
+    sd = {}
+    for p in paths:
+        try:
+            with safe_open(p, framework="pt") as f:
+                for k in f.keys():
+                    sd[k] = f.get_tensor(k)
+        except Exception as e:
+            raise ValueError(f"cannot read safetensors file {p}: {e}") from None
+    return sd
+
+
+def diffusers_weight_files(folder, stem):
+    index = os.path.join(folder, f"{stem}.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index) as f:
+            return [os.path.join(folder, n) for n in sorted(set(json.load(f)["weight_map"].values()))]
+    single = os.path.join(folder, f"{stem}.safetensors")
+    if not os.path.isfile(single):
+        raise FileNotFoundError(f"no {stem}.safetensors (or its index) in {folder}")
+    return [single]
+
+
+def resolve_component(source, subfolder, hub_files):
+    """A local file or folder for one pipeline component, downloading from the hub if needed."""
+    if os.path.isfile(source):
+        return source
+    if os.path.isdir(source):
+        sub = os.path.join(source, subfolder)
+        return sub if os.path.isdir(sub) else source
+    if re.fullmatch(r"[\w.-]+/[\w.-]+", source) and not source.startswith("."):
+        from huggingface_hub import snapshot_download
+
+        root = snapshot_download(source, allow_patterns=hub_files)
+        return os.path.join(root, subfolder)
+    raise FileNotFoundError(f"no such file, folder or hub repository: {source}")
+
+
+def load_checkpoint(source):
+    """(config, BFL-named state dict) from any supported source."""
+    path = resolve_component(str(source), "transformer", ["transformer/*"])
+    if os.path.isfile(path):  # BFL single file
+        sd = read_safetensors([path])
+        sd = {k.removeprefix("model.diffusion_model."): v for k, v in sd.items()}
+        if "img_in.weight" not in sd:
+            raise ValueError(f"{path} is not a FLUX.2 transformer checkpoint (no img_in.weight)")
+        return config_from_bfl(sd), sd
+    cfg_path = os.path.join(path, "config.json")
+    if not os.path.isfile(cfg_path):
+        raise FileNotFoundError(f"no config.json in {path}: expected a diffusers transformer folder")
+    with open(cfg_path) as f:
+        cfg = config_from_diffusers(json.load(f))
+    sd = read_safetensors(diffusers_weight_files(path, "diffusion_pytorch_model"))
+    return cfg, diffusers_to_bfl(sd)
+
+
+def load_into(model, sd, dtype=None, device=None):
+    """Assign a state dict to a meta-device model; one error naming every mismatched key."""
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(sd))
+    unexpected = sorted(set(sd) - set(expected))
+    shapes = sorted(f"{k}: {tuple(sd[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items() if k in sd and sd[k].shape != v.shape)
+    if missing or unexpected or shapes:
+        parts = [f"{n}: {', '.join(v)}" for n, v in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", shapes)) if v]
+        raise ValueError(f"checkpoint does not match {type(model).__name__}: " + "; ".join(parts))
+    sd = {k: v.to(device=device, dtype=dtype if dtype is not None and v.is_floating_point() else v.dtype) for k, v in sd.items()}
+    model.load_state_dict(sd, assign=True)
+    return model
