@@ -287,7 +287,7 @@ def generate(model, prompt, refs=(), steps=None, guidance=None, seed=0, height=N
             from lora import load_lora
 
             load_lora(transformer, lora, scale=lora_scale)
-        noise = torch.randn(1, 128, h, w, generator=torch.Generator("cpu").manual_seed(seed), dtype=dtype)
+        noise = torch.randn(1, transformer.cfg.in_channels, h, w, generator=torch.Generator("cpu").manual_seed(seed), dtype=dtype)
         x = pack(noise.to(device))
         x = denoise(transformer, x, grid_ids(h, w).to(device), txt, txt_ids, schedule(steps, h * w).to(device),
                     ref=ref, ref_ids=ref_ids, kv_cache=kv_cache, guidance=guidance, neg_txt=neg, neg_txt_ids=txt_ids,
