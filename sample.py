@@ -196,13 +196,13 @@ def free(*modules):
 
 def select_references(images, keep, selector, task, seed, uniform_mix, budget):
     """Kept token indices (row-major on each reference's 16-px grid) per reference; None keeps all."""
-    from token_selectors import select_reference_tokens
-
     keeps = keep if isinstance(keep, (list, tuple)) else [keep] * len(images)
     if len(keeps) != len(images):
         raise ValueError(f"--keep has {len(keeps)} values for {len(images)} reference images")
     if all(k == 1 for k in keeps) and budget == "uniform":
         return [None] * len(images)  # dense: bit-identical to klein
+    from token_selectors import select_reference_tokens
+
     if selector == "auto":
         selector = {"edit": "canny", "subject": "saliency"}[task]
     return select_reference_tokens(images, keeps, selector=selector, seed=seed, uniform_mix=uniform_mix, budget=budget)
