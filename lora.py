@@ -1,0 +1,341 @@
+"""LoRA for the FLUX.2 transformer, by hand: inject, merge, save, load (diffusers, BFL/ai-toolkit, kohya).
+
+A LoRA adds a low-rank update to a frozen Linear: y = W x + scaling * B (A x), with A (r, in),
+B (out, r) and scaling = alpha / r. B starts at zero, so a freshly injected model computes exactly
+what the base model does.
+
+Our double blocks fuse q, k, v into one Linear (BFL's `img_attn.qkv`, (3D, D)) where diffusers has
+three (`attn.to_q`, `to_k`, `to_v`). A LoRALinear with chunks=3 keeps one independent (A, B) pair per
+output third, so each diffusers LoRA pair maps to exactly one of ours and back. BFL and kohya files
+store one pair for the fused layer: that is the special case of three equal A's.
+
+Files we write are diffusers/PEFT files (`transformer.transformer_blocks.0.attn.to_q.lora_A.weight`)
+with alpha / r folded into B: diffusers without an adapter config, ComfyUI and ai-toolkit all read
+such a file as alpha == r, so every loader gets the right scale.
+"""
+
+import json
+import os
+import tempfile
+from fnmatch import fnmatchcase
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+# diffusers' klein trainer targets to_q/to_k/to_v, to_out.0, to_qkv_mlp_proj and the single blocks'
+# attn.to_out; these are the same layers under our (BFL) names.
+DEFAULT_TARGETS = (
+    "double_blocks.*.img_attn.qkv",
+    "double_blocks.*.img_attn.proj",
+    "single_blocks.*.linear1",
+    "single_blocks.*.linear2",
+)
+SWAPPED = "final_layer.adaLN_modulation.1"  # rows (shift, scale) here, (scale, shift) in diffusers' norm_out
+
+
+def num_chunks(name):
+    """Independent LoRA pairs of a layer: 3 for the fused q, k, v projections, else 1."""
+    return 3 if name.endswith("_attn.qkv") else 1
+
+
+class LoRALinear(nn.Module):
+    """A Linear plus `chunks` low-rank updates, one per equal slice of its output rows.
+
+    The base weight is the wrapped Linear's own Parameter (shared, not copied), so the model's state
+    dict keeps its names (`...qkv.weight`) and gains `...qkv.lora_A` (chunks, r, in) and
+    `...qkv.lora_B` (chunks, out / chunks, r). LoRA parameters stay float32 (the master copy when
+    training under bf16 autocast).
+    """
+
+    def __init__(self, base: nn.Linear, rank: int, alpha: float | None = None, chunks: int = 1):
+        super().__init__()
+        out_features, in_features = base.weight.shape
+        if out_features % chunks:
+            raise ValueError(f"{out_features} output features do not split into {chunks} chunks")
+        self.weight, self.bias = base.weight, base.bias
+        self.rank, self.chunks = rank, chunks
+        self.scaling = (rank if alpha is None else alpha) / rank
+        device = base.weight.device
+        self.lora_A = nn.Parameter(torch.zeros(chunks, rank, in_features, device=device))
+        self.lora_B = nn.Parameter(torch.zeros(chunks, out_features // chunks, rank, device=device))
+        self.merged = False
+
+    def forward(self, x):
+        y = F.linear(x, self.weight, self.bias)
+        if self.merged:
+            return y
+        h = F.linear(x.to(self.lora_A.dtype), self.lora_A.flatten(0, 1))  # (..., chunks * r)
+        h = h.unflatten(-1, (self.chunks, self.rank))  # (..., chunks, r)
+        d = torch.einsum("...cr,cor->...co", h, self.lora_B).flatten(-2)  # (..., out)
+        return y + (self.scaling * d).to(y.dtype)
+
+    def delta_weight(self):
+        """The update scaling * B A as one (out, in) float32 matrix, chunks stacked along the rows."""
+        return self.scaling * torch.bmm(self.lora_B.float(), self.lora_A.float()).flatten(0, 1)
+
+    @torch.no_grad()
+    def merge(self):
+        """Add the update into the base weight (in float32, then cast: lossy for bf16 weights)."""
+        if not self.merged:
+            self.weight.copy_(self.weight.float() + self.delta_weight())
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self):
+        if self.merged:
+            self.weight.copy_(self.weight.float() - self.delta_weight())
+            self.merged = False
+
+    def extra_repr(self):
+        out, inp = self.weight.shape
+        return f"in={inp}, out={out}, rank={self.rank}, chunks={self.chunks}, scaling={self.scaling:g}"
+
+
+def replace_module(model, name, module):
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent), child, module)
+
+
+def lora_modules(model):
+    """{module name: LoRALinear} in model order."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+def inject(model, targets=DEFAULT_TARGETS, rank=4, alpha=None, seed=0):
+    """Wrap every nn.Linear whose name matches one of the glob patterns in a LoRALinear.
+
+    A ~ N(0, 1 / rank) as PEFT's "gaussian" init (what diffusers' klein trainer uses), B = 0; drawn
+    from a generator seeded with `seed`, in module order. Returns the wrapped names.
+    """
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and any(fnmatchcase(n, p) for p in targets)]
+    unused = [p for p in targets if not any(fnmatchcase(n, p) for n in names)]
+    if unused:
+        raise ValueError(f"LoRA target patterns match no Linear layer: {unused}")
+    g = torch.Generator().manual_seed(seed)
+    for n in names:
+        lora = LoRALinear(model.get_submodule(n), rank, alpha, num_chunks(n))
+        with torch.no_grad():
+            lora.lora_A.copy_(torch.randn(lora.lora_A.shape, generator=g) / rank)
+        replace_module(model, n, lora)
+    return names
+
+
+def merge(model):
+    for m in lora_modules(model).values():
+        m.merge()
+
+
+def unmerge(model):
+    for m in lora_modules(model).values():
+        m.unmerge()
+
+
+# ----------------------------------------------------------------------------------------------
+# Names in other formats
+
+
+def diffusers_names(cfg):
+    """diffusers module name -> (our module name, chunk): every Linear of the transformer."""
+    names = {
+        "x_embedder": "img_in",
+        "context_embedder": "txt_in",
+        "time_guidance_embed.timestep_embedder.linear_1": "time_in.in_layer",
+        "time_guidance_embed.timestep_embedder.linear_2": "time_in.out_layer",
+        "double_stream_modulation_img.linear": "double_stream_modulation_img.lin",
+        "double_stream_modulation_txt.linear": "double_stream_modulation_txt.lin",
+        "single_stream_modulation.linear": "single_stream_modulation.lin",
+        "norm_out.linear": SWAPPED,
+        "proj_out": "final_layer.linear",
+    }
+    names = {k: (v, 0) for k, v in names.items()}
+    for i in range(cfg.depth):
+        d, b = f"transformer_blocks.{i}", f"double_blocks.{i}"
+        for c, (img, txt) in enumerate([("to_q", "add_q_proj"), ("to_k", "add_k_proj"), ("to_v", "add_v_proj")]):
+            names[f"{d}.attn.{img}"] = (f"{b}.img_attn.qkv", c)
+            names[f"{d}.attn.{txt}"] = (f"{b}.txt_attn.qkv", c)
+        pairs = {
+            "attn.to_out.0": "img_attn.proj",
+            "attn.to_add_out": "txt_attn.proj",
+            "ff.linear_in": "img_mlp.0",
+            "ff.linear_out": "img_mlp.2",
+            "ff_context.linear_in": "txt_mlp.0",
+            "ff_context.linear_out": "txt_mlp.2",
+        }
+        names.update({f"{d}.{a}": (f"{b}.{o}", 0) for a, o in pairs.items()})
+    for i in range(cfg.depth_single):
+        names[f"single_transformer_blocks.{i}.attn.to_qkv_mlp_proj"] = (f"single_blocks.{i}.linear1", 0)
+        names[f"single_transformer_blocks.{i}.attn.to_out"] = (f"single_blocks.{i}.linear2", 0)
+    return names
+
+
+def swap_halves(b):
+    """(scale, shift) rows <-> (shift, scale) rows: the final layer's order differs between formats."""
+    first, second = b.chunk(2, dim=0)
+    return torch.cat([second, first], dim=0)
+
+
+def to_diffusers(model):
+    """The model's LoRA as a diffusers/PEFT state dict, alpha / r folded into lora_B."""
+    ours_to_diffusers = {v: k for k, v in diffusers_names(model.cfg).items()}
+    sd = {}
+    for name, m in lora_modules(model).items():
+        for c in range(m.chunks):
+            key = "transformer." + ours_to_diffusers[(name, c)]
+            b = m.scaling * m.lora_B[c].detach().float()
+            sd[f"{key}.lora_A.weight"] = m.lora_A[c].detach().float().contiguous()
+            sd[f"{key}.lora_B.weight"] = (swap_halves(b) if name == SWAPPED else b).contiguous()
+    return sd
+
+
+def save_lora(model, path):
+    """Write the model's LoRA to a diffusers-format safetensors file, atomically."""
+    sd = {k: v.cpu() for k, v in to_diffusers(model).items()}
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(sd, tmp, metadata={"format": "pt"})
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading
+
+
+def read_lora(path):
+    """(state dict, safetensors metadata) of a LoRA file, or of DIR/pytorch_lora_weights.safetensors."""
+    if os.path.isdir(path):
+        path = os.path.join(path, "pytorch_lora_weights.safetensors")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no such LoRA file: {path}")
+    try:
+        with safe_open(path, framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}
+    except Exception as e:
+        raise ValueError(f"cannot read LoRA file {path}: {e}") from None
+
+
+def peft_alpha(metadata):
+    """(lora_alpha, use_rslora) from a diffusers trainer's `lora_adapter_metadata`, or (None, False)."""
+    raw = metadata.get("lora_adapter_metadata")
+    if not raw:
+        return None, False
+    cfg = {k.removeprefix("transformer."): v for k, v in json.loads(raw).items()}
+    if cfg.get("rank_pattern") or cfg.get("alpha_pattern"):
+        raise ValueError("LoRA adapter configs with rank_pattern or alpha_pattern are not supported")
+    return cfg.get("lora_alpha"), bool(cfg.get("use_rslora"))
+
+
+# key suffix -> part of a pair; down/up is the kohya (and some ai-toolkit) spelling of A/B
+SUFFIXES = {".lora_A.weight": "A", ".lora_down.weight": "A", ".lora_B.weight": "B", ".lora_up.weight": "B", ".alpha": "alpha"}
+PREFIXES = ("transformer.", "diffusion_model.", "base_model.model.")
+
+
+def lora_deltas(model, sd, metadata=None):
+    """Every LoRA pair of a state dict as (our module, chunk or None for all rows, A, B), scale folded in B.
+
+    Accepted names, with optional prefix transformer., diffusion_model. or base_model.model.:
+      - diffusers/PEFT: transformer_blocks.N.attn.to_q.lora_A.weight ... (alpha from the adapter
+        metadata diffusers' trainers write, else alpha = r);
+      - BFL/ai-toolkit: double_blocks.N.img_attn.qkv.lora_A.weight (one pair for the fused layer),
+        img_in, txt_in, time_in.*, final_layer.*, *_modulation.lin; lora_down/lora_up spellings too;
+      - kohya: lora_unet_double_blocks_N_img_attn_qkv.lora_down.weight / .lora_up.weight / .alpha.
+    Any `.alpha` key gives its pair the scale alpha / r. Unknown or incomplete keys: ValueError.
+    """
+    linears = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, LoRALinear))]
+    lookup = {n: (n, None) for n in linears}  # BFL names: a pair covers all rows
+    lookup.update({"lora_unet_" + n.replace(".", "_"): (n, None) for n in linears})  # kohya
+    lookup.update(diffusers_names(model.cfg))  # diffusers: one pair per chunk
+
+    pairs, unknown = {}, []
+    for key, value in sd.items():
+        suffix = next((s for s in SUFFIXES if key.endswith(s)), None)
+        module = key.removesuffix(suffix) if suffix else None
+        if module is not None and module not in lookup:
+            module = next((module.removeprefix(p) for p in PREFIXES if module.startswith(p)), module)
+        if module not in lookup:
+            unknown.append(key)
+            continue
+        entry = pairs.setdefault(module, {})
+        if SUFFIXES[suffix] in entry:
+            raise ValueError(f"LoRA state dict has two {SUFFIXES[suffix]} tensors for {module} (e.g. {key})")
+        entry[SUFFIXES[suffix]] = value
+    if unknown:
+        raise ValueError(f"unknown LoRA keys for FLUX.2 ({len(unknown)}): {', '.join(sorted(unknown))}")
+
+    file_alpha, rslora = peft_alpha(metadata or {})
+    deltas, taken, problems = [], {}, []
+    for module, entry in pairs.items():
+        if "A" not in entry or "B" not in entry:
+            problems.append(f"{module}: lora_A/lora_down and lora_B/lora_up must both be present")
+            continue
+        name, chunk = lookup[module]
+        n = num_chunks(name)
+        chunk = None if n == 1 else chunk  # a diffusers pair on an unchunked layer covers all its rows
+        a, b = entry["A"].float(), entry["B"].float()
+        weight = model.get_submodule(name).weight
+        rows = weight.shape[0] // n if chunk is not None else weight.shape[0]
+        if a.ndim != 2 or b.ndim != 2 or a.shape[1] != weight.shape[1] or b.shape != (rows, a.shape[0]):
+            fit = f"({rows}, {weight.shape[1]})"
+            problems.append(f"{module}: lora_A {tuple(a.shape)}, lora_B {tuple(b.shape)} do not fit a {fit} weight")
+            continue
+        chunks = set(range(n)) if chunk is None else {chunk}
+        if taken.get(name, set()) & chunks:
+            problems.append(f"{module}: a second LoRA for the same rows of {name}")
+            continue
+        taken[name] = taken.get(name, set()) | chunks
+        r = a.shape[0]
+        alpha = entry["alpha"].item() if "alpha" in entry else file_alpha if file_alpha is not None else r
+        b = b * alpha / (r**0.5 if rslora else r)
+        if module == "norm_out.linear":
+            b = swap_halves(b)
+        deltas.append((name, chunk, a, b))
+    if problems:
+        raise ValueError("bad LoRA state dict: " + "; ".join(problems))
+    return deltas
+
+
+def load_lora(model, path_or_sd, scale=1.0, merge=True):
+    """Apply a LoRA file (or state dict) of any supported format to the model; returns the module names.
+
+    merge=True adds scale * B A into the base weights (stackable, no runtime cost). merge=False wraps
+    the layers in LoRALinear (rank = the largest of the file's chunks, smaller ones zero-padded, which
+    is exact) with scaling = scale, so the LoRA can be unmerged, rescaled or trained further.
+    """
+    sd, metadata = read_lora(path_or_sd) if isinstance(path_or_sd, (str, os.PathLike)) else (path_or_sd, {})
+    deltas = lora_deltas(model, sd, metadata)
+    by_module = {}
+    for name, chunk, a, b in deltas:
+        by_module.setdefault(name, []).append((chunk, a, b))
+    for name, parts in by_module.items():
+        layer = model.get_submodule(name)
+        if merge:
+            with torch.no_grad():
+                w = layer.weight
+                for chunk, a, b in parts:
+                    rows = slice(None) if chunk is None else slice(chunk * b.shape[0], (chunk + 1) * b.shape[0])
+                    w[rows] = (w[rows].float() + scale * (b.to(w.device) @ a.to(w.device))).to(w.dtype)
+            continue
+        if isinstance(layer, LoRALinear):
+            raise ValueError(f"{name} already has a LoRA; load with merge=True to stack another one")
+        n = num_chunks(name)
+        per_chunk = {}  # chunk -> (A, B); a pair over all rows gives every chunk the same A
+        for chunk, a, b in parts:
+            for c in range(n) if chunk is None else [chunk]:
+                per_chunk[c] = (a, b.chunk(n, dim=0)[c] if chunk is None else b)
+        rank = max(a.shape[0] for a, _ in per_chunk.values())
+        lora = LoRALinear(layer, rank, chunks=n)
+        lora.scaling = scale
+        with torch.no_grad():
+            for c, (a, b) in per_chunk.items():
+                lora.lora_A[c, : a.shape[0]] = a
+                lora.lora_B[c, :, : a.shape[0]] = b
+        replace_module(model, name, lora)
+    return list(by_module)
