@@ -172,3 +172,25 @@ def test_cli_bad_input(distilled, tmp_path, case):
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
     assert not args["out"].exists() and not list(tmp_path.glob("*.tmp"))
+
+
+def test_lora_equals_diffusers_load_lora_weights(distilled, tmp_path):
+    """--lora: a LoRA saved here, loaded by diffusers' pipeline, gives the same image as sample.py."""
+    import lora
+    from model import Flux2
+
+    root, pipe = distilled
+    model = Flux2.from_pretrained(str(root))
+    lora.inject(model, rank=2, alpha=3.0)
+    with torch.no_grad():
+        for m in lora.lora_modules(model).values():
+            m.lora_B.normal_(0, 0.3, generator=torch.Generator().manual_seed(0))
+    lora.save_lora(model, tmp_path / "lora.safetensors")
+    pipe = Flux2KleinPipeline(**pipe.components, is_distilled=True)
+    pipe.transformer = Flux2Transformer2DModel.from_pretrained(root / "transformer")
+    pipe.load_lora_weights(str(tmp_path / "lora.safetensors"))
+    want = diffusers_image(pipe, REFS[:1], seed=3, num_inference_steps=4)
+    got = ours_image(root, REFS[:1], seed=3, lora=str(tmp_path / "lora.safetensors"))
+    plain = ours_image(root, REFS[:1], seed=3)
+    assert np.abs(got - want).max() <= 1
+    assert np.abs(plain - want).max() > 5  # the LoRA really changes the image
