@@ -163,6 +163,7 @@ def save_image_atomic(image, path):
 class SampleStats:
     seconds: dict = field(default_factory=dict)  # stage -> wall-clock seconds
     ref_tokens: list = field(default_factory=list)  # (before, after) selection, per reference
+    kept: list = field(default_factory=list)  # kept token indices per reference (None: all)
 
 
 def resolve_source(source):
@@ -254,9 +255,9 @@ def generate(model, prompt, refs=(), steps=None, guidance=None, seed=0, height=N
         clock = now
 
     images = [prepare_reference(load_image(r) if isinstance(r, (str, os.PathLike)) else r) for r in refs]
-    kept = select_references(images, keep, selector, task, seed, uniform_mix, budget) if images else []
+    kept = stats.kept = select_references(images, keep, selector, task, seed, uniform_mix, budget) if images else []
     if height is None or width is None:
-        w0, h0 = images[0].size if images else (1024, 1024)
+        w0, h0 = images[0].size if images else (1024, 1024)  # klein's default output size
         height, width = height or h0, width or w0
     if height < 16 or width < 16:
         raise ValueError(f"output size {width}x{height} is too small: at least 16x16")

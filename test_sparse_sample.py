@@ -194,3 +194,70 @@ def test_lora_equals_diffusers_load_lora_weights(distilled, tmp_path):
     plain = ours_image(root, REFS[:1], seed=3)
     assert np.abs(got - want).max() <= 1
     assert np.abs(plain - want).max() > 5  # the LoRA really changes the image
+
+
+def diffusers_loop(pipe, refs, kept, seed, steps=4, kv=False):
+    """klein sampling written with diffusers' own pipeline pieces, on a subset of reference tokens."""
+    from diffusers.pipelines.flux2.pipeline_flux2_klein import compute_empirical_mu
+
+    with torch.no_grad():
+        txt, txt_ids = pipe.encode_prompt(prompt="a red cube", device="cpu", max_sequence_length=512)
+        images = [sample.to_tensor(sample.prepare_reference(r)) for r in refs]
+        ref, ref_ids = pipe.prepare_image_latents(images=images, batch_size=1, generator=None, device="cpu", dtype=torch.float32)
+        offsets = np.cumsum([0] + [im.shape[2] * im.shape[3] // 256 for im in images])
+        rows = torch.cat([torch.as_tensor(idx) + int(o) for idx, o in zip(kept, offsets)])
+        ref, ref_ids = ref[:, rows], ref_ids[:, rows]
+        H, W = images[0].shape[2:]
+        x, x_ids = pipe.prepare_latents(1, 4, H, W, torch.float32, "cpu", torch.Generator().manual_seed(seed))
+        pipe.scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps), mu=compute_empirical_mu(x.shape[1], steps))
+        cache = None
+        for i, t in enumerate(pipe.scheduler.timesteps):
+            common = dict(encoder_hidden_states=txt, txt_ids=txt_ids, timestep=t.expand(1) / 1000, return_dict=False)
+            if kv and i == 0:
+                v, cache = pipe.transformer(hidden_states=torch.cat([ref, x], 1), img_ids=torch.cat([ref_ids, x_ids], 1),
+                                            kv_cache_mode="extract", num_ref_tokens=ref.shape[1], **common)  # fmt: skip
+            elif kv:
+                v = pipe.transformer(hidden_states=x, img_ids=x_ids, kv_cache_mode="cached", kv_cache=cache, **common)[0]
+            else:
+                v = pipe.transformer(hidden_states=torch.cat([x, ref], 1), img_ids=torch.cat([x_ids, ref_ids], 1), **common)[0]
+                v = v[:, : x.shape[1]]
+            x = pipe.scheduler.step(v, t, x, return_dict=False)[0]
+        z = pipe._unpack_latents_with_ids(x, x_ids)
+        bn = pipe.vae.bn
+        z = pipe._unpatchify_latents(z * torch.sqrt(bn.running_var.view(1, -1, 1, 1) + 1e-4) + bn.running_mean.view(1, -1, 1, 1))
+        out = pipe.image_processor.postprocess(pipe.vae.decode(z, return_dict=False)[0], output_type="np")
+    return (out[0] * 255).round().astype(np.int32)
+
+
+@pytest.mark.parametrize("kv,selector,keep", [(False, "canny", 0.3), (True, "saliency", [0.2, 0.5])])
+def test_sparse_sampling_equals_diffusers_on_the_same_subset(distilled, kv, selector, keep):
+    """Selection once per generation; kept tokens keep their ids; the KV cache holds only them."""
+    root, pipe = distilled
+    if kv:
+        pipe = Flux2KleinKVPipeline(**pipe.components)
+        pipe.transformer = Flux2Transformer2DModel.from_pretrained(root / "transformer")
+        pipe._set_kv_attn_processors()
+    image, stats = sample.generate(str(root), "a red cube", REFS, seed=9, kv_cache=kv, keep=keep, selector=selector,
+                                   progress=False)  # fmt: skip
+    counts = [after for _, after in stats.ref_tokens]
+    keeps = keep if isinstance(keep, list) else [keep, keep]
+    assert counts == [max(1, round(k * n)) for k, (n, _) in zip(keeps, stats.ref_tokens)]
+    want = diffusers_loop(pipe, REFS, stats.kept, seed=9, kv=kv)
+    assert np.abs(np.array(image).astype(np.int32) - want).max() <= 1
+    dense = diffusers_loop(pipe, REFS, [torch.arange(n) for n, _ in stats.ref_tokens], seed=9, kv=kv)
+    assert np.abs(dense - want).max() > 5  # dropping tokens really changed the image
+
+
+def test_keep_one_is_dense_and_bad_keeps(distilled, tmp_path):
+    root, _ = distilled
+    dense, _ = sample.generate(str(root), "a red cube", REFS, seed=2, progress=False)
+    kept, stats = sample.generate(str(root), "a red cube", REFS, seed=2, keep=[1.0, 1.0], selector="canny",
+                                  save_selection=tmp_path / "sel.png", progress=False)  # fmt: skip
+    assert np.array_equal(np.array(dense), np.array(kept))
+    assert stats.ref_tokens == [(20, 20), (24, 24)]
+    assert Image.open(tmp_path / "sel.png").size == (80 + 64, 96)
+    for keep, match in [(0.0, "keep"), (1.5, "keep"), ([0.5], "2 reference"), ([0.1, 0.2, 0.3], "2 reference")]:
+        with pytest.raises(ValueError, match=match):
+            sample.generate(str(root), "x", REFS, keep=keep, progress=False)
+    with pytest.raises(ValueError, match="selector"):
+        sample.generate(str(root), "x", REFS, keep=0.5, selector="sobel", progress=False)
