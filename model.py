@@ -70,21 +70,25 @@ def timestep_embedding(t, dim, max_period=10000):
 
 
 def rope(ids, axes_dim, theta):
-    """Rotation angles for 4-axis ids (B, L, 4) -> cos, sin (B, 1, L, head_dim / 2), float32."""
+    """Rotations for 4-axis ids (B, L, 4) -> e^(i angle) (B, L, 1, head_dim / 2), complex64.
+
+    Angles in float64, rotations rounded to float32 (as cos and sin in float32).
+    """
     angles = []
     for i, d in enumerate(axes_dim):
         omega = 1.0 / theta ** (torch.arange(0, d, 2, dtype=torch.float64, device=ids.device) / d)
         angles.append(ids[..., i].double()[..., None] * omega)  # (B, L, d / 2)
     angles = torch.cat(angles, dim=-1)
-    return angles.cos().float()[:, None], angles.sin().float()[:, None]
+    return torch.polar(torch.ones_like(angles), angles).to(torch.complex64)[:, :, None]
 
 
 def apply_rope(x, pe):
-    """Rotate interleaved pairs (x[2j], x[2j+1]) of x (B, H, L, D) by the angles in pe."""
-    cos, sin = pe
-    x0, x1 = x.float().unflatten(-1, (-1, 2)).unbind(-1)  # (B, H, L, D / 2) each
-    out = torch.stack([x0 * cos - x1 * sin, x1 * cos + x0 * sin], dim=-1)
-    return out.flatten(-2).type_as(x)
+    """Rotate interleaved pairs (x[2j], x[2j+1]) of x (B, L, H, D) by the angles in pe.
+
+    Rotating the pair (a, b) is multiplying the complex number a + ib by e^(i angle): one pass over x.
+    """
+    pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))  # (B, L, H, D / 2)
+    return torch.view_as_real(pairs * pe).flatten(-2).type_as(x)
 
 
 class RMSNorm(nn.Module):
@@ -94,8 +98,9 @@ class RMSNorm(nn.Module):
         self.scale = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        rrms = torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.eps)
-        return (x.float() * rrms).type_as(x) * self.scale
+        xf = x.float()  # statistics in float32 (a no-op when x already is)
+        rrms = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (xf * rrms).type_as(x) * self.scale
 
 
 class QKNorm(nn.Module):
@@ -149,7 +154,13 @@ def per_token(mods, ref_mods, n_ref, seq_len):
 
 
 def modulate(x, shift, scale, eps):
-    return (1 + scale) * F.layer_norm(x, x.shape[-1:], eps=eps) + shift
+    """(1 + scale) * LayerNorm(x) + shift; addcmul does the multiply-add in one pass over x."""
+    return torch.addcmul(shift, F.layer_norm(x, x.shape[-1:], eps=eps), 1 + scale)
+
+
+def gated(x, gate, y):
+    """The gated residual x + gate * y, in one pass."""
+    return torch.addcmul(x, gate, y)
 
 
 class KVCache:
@@ -160,7 +171,7 @@ class KVCache:
     """
 
     def __init__(self):
-        self.kv = []  # one (k, v) per block, each (B, H, M, D); double blocks first
+        self.kv = []  # one (k, v) per block, each (B, H, M, D) (a transposed view); double blocks first
 
     def __len__(self):
         return len(self.kv)
@@ -173,29 +184,38 @@ class KVCache:
         self.kv = []
 
 
+def sdpa(q, k, v):
+    """Softmax attention on (B, L, H, D) tensors -> (B, L, H, D).
+
+    SDPA takes (B, H, L, D): transposed views suffice (as diffusers passes them), and its fused
+    kernels lay the output out as (B, L, H, D), so no transpose here copies anything.
+    """
+    return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
+
+
 def attention(q, k, v, n_ref, cache=None, layer=0):
-    """Joint attention over [text | target | references]; q, k, v (B, H, L, D) -> (B, L, H * D).
+    """Joint attention over [text | target | references]; q, k, v (B, L, H, D) -> (B, L, H * D).
 
     n_ref > 0 selects the KV pattern: the last n_ref tokens (references) attend only to themselves,
     the rest attend to all. This is the one place where reference K/V are cached and reused.
     """
     if cache is not None and len(cache) > layer and n_ref == 0:  # cached step: no reference compute
-        k_ref, v_ref = cache.kv[layer]
-        out = F.scaled_dot_product_attention(q, torch.cat([k, k_ref], dim=2), torch.cat([v, v_ref], dim=2))
+        k_ref, v_ref = (t.transpose(1, 2) for t in cache.kv[layer])
+        out = sdpa(q, torch.cat([k, k_ref], dim=1), torch.cat([v, v_ref], dim=1))
     elif n_ref:
-        if cache is not None:
-            cache.kv.append((k[:, :, -n_ref:], v[:, :, -n_ref:]))
-        main = F.scaled_dot_product_attention(q[:, :, :-n_ref], k, v)
-        ref = F.scaled_dot_product_attention(q[:, :, -n_ref:], k[:, :, -n_ref:], v[:, :, -n_ref:])
-        out = torch.cat([main, ref], dim=2)
+        if cache is not None:  # copies: views would keep every token's K/V alive
+            cache.kv.append((k[:, -n_ref:].clone().transpose(1, 2), v[:, -n_ref:].clone().transpose(1, 2)))
+        main = sdpa(q[:, :-n_ref], k, v)
+        ref = sdpa(q[:, -n_ref:], k[:, -n_ref:], v[:, -n_ref:])
+        out = torch.cat([main, ref], dim=1)
     else:
-        out = F.scaled_dot_product_attention(q, k, v)
-    return out.transpose(1, 2).flatten(2)
+        out = sdpa(q, k, v)
+    return out.flatten(2)
 
 
 def split_heads(qkv, num_heads):
-    """(B, L, 3 * H * D) -> q, k, v (B, H, L, D)."""
-    return qkv.unflatten(-1, (3, num_heads, -1)).permute(2, 0, 3, 1, 4).unbind(0)
+    """(B, L, 3 * H * D) -> q, k, v (B, L, H, D), views."""
+    return qkv.unflatten(-1, (3, num_heads, -1)).unbind(2)
 
 
 class SelfAttention(nn.Module):
@@ -232,14 +252,14 @@ class DoubleStreamBlock(nn.Module):
         t_shift1, t_scale1, t_gate1, t_shift2, t_scale2, t_gate2 = txt_mod
         iq, ik, iv = self.img_attn.qkv_heads(modulate(img, i_shift1, i_scale1, self.eps))
         tq, tk, tv = self.txt_attn.qkv_heads(modulate(txt, t_shift1, t_scale1, self.eps))
-        q = apply_rope(torch.cat([tq, iq], dim=2), pe)
-        k = apply_rope(torch.cat([tk, ik], dim=2), pe)
-        out = attention(q, k, torch.cat([tv, iv], dim=2), n_ref, cache, layer)
+        q = apply_rope(torch.cat([tq, iq], dim=1), pe)
+        k = apply_rope(torch.cat([tk, ik], dim=1), pe)
+        out = attention(q, k, torch.cat([tv, iv], dim=1), n_ref, cache, layer)
         L = txt.shape[1]
-        img = img + i_gate1 * self.img_attn.proj(out[:, L:])
-        img = img + i_gate2 * self.img_mlp(modulate(img, i_shift2, i_scale2, self.eps))
-        txt = txt + t_gate1 * self.txt_attn.proj(out[:, :L])
-        txt = txt + t_gate2 * self.txt_mlp(modulate(txt, t_shift2, t_scale2, self.eps))
+        img = gated(img, i_gate1, self.img_attn.proj(out[:, L:]))
+        img = gated(img, i_gate2, self.img_mlp(modulate(img, i_shift2, i_scale2, self.eps)))
+        txt = gated(txt, t_gate1, self.txt_attn.proj(out[:, :L]))
+        txt = gated(txt, t_gate2, self.txt_mlp(modulate(txt, t_shift2, t_scale2, self.eps)))
         return img, txt
 
 
@@ -261,7 +281,7 @@ class SingleStreamBlock(nn.Module):
         q, k, v = split_heads(qkv, self.num_heads)
         q, k = self.norm(q, k)
         out = attention(apply_rope(q, pe), apply_rope(k, pe), v, n_ref, cache, layer)
-        return x + gate * self.linear2(torch.cat([out, self.mlp_act(mlp)], dim=-1))
+        return gated(x, gate, self.linear2(torch.cat([out, self.mlp_act(mlp)], dim=-1)))
 
 
 class LastLayer(nn.Module):

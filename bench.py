@@ -1,0 +1,475 @@
+"""Benchmark Sparse Context: wall-clock speedup of dropping reference tokens, against the FLOP ideal.
+
+    python bench.py                                   # CPU default (below), writes BENCHMARKS.md
+    python bench.py --config klein-4b --size 1024 --device cuda --dtype bf16
+
+For 1, 2, 4 and 6 references and keep fractions 1, 0.25, 0.1, 0.05 it times the transformer forward
+and a 4-step sampling loop, without and with the reference KV cache, on random weights (speed does
+not depend on the weights). "Dense" is keep 1 without a cache. Each point reports its speedup over
+dense, the FLOP-ideal speedup (matmul and attention FLOPs of exactly the tokens processed) and the
+efficiency = measured / ideal.
+
+The default config fits a 2-core CPU and keeps klein-4B's balance of attention to matmul work at
+1024 px: per block attention / linear FLOPs = 4 L^2 D / (26 L D^2) = 2 L / (13 D), so 512 px images
+(1024 tokens) with hidden 768 have the same image-tokens-to-width ratio as 1024 px (4096 tokens) with
+hidden 3072 (6 refs: 1.54 vs 1.46). Heads stay 128 wide (6 of them); 1 double and 2 single blocks
+(both kinds, few enough to be quick); context_dim 768 since the text projection is a small cost.
+"""
+
+import argparse
+import ctypes
+import datetime
+import functools
+import os
+import shlex
+import sys
+import tempfile
+import time
+
+import torch
+
+from model import Flux2, Flux2Config, KVCache
+from sample import denoise, grid_ids, schedule, text_ids
+
+REFS = (1, 2, 4, 6)
+KEEPS = (1.0, 0.25, 0.1, 0.05)
+STEPS = 4
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def bench_config(quick=False):
+    if quick:  # tiny: a smoke run of every code path in seconds
+        return Flux2Config(hidden_size=64, num_heads=2, axes_dim=(8, 8, 8, 8), depth=1, depth_single=1, context_dim=32)
+    return Flux2Config(hidden_size=768, num_heads=6, depth=1, depth_single=2, context_dim=768)
+
+
+# ----------------------------------------------------------------------------------------------
+# The FLOP ideal
+
+
+def forward_flops(cfg, n_txt, n_img, n_ref, mode="full"):
+    """Matmul and attention (QK^T, PV) FLOPs of one batch-1 forward; elementwise ops are ignored.
+
+    mode "full": references run and attend to everything (standard klein);
+    "extract": KV pattern, text and target queries attend to all keys, reference queries to
+    reference keys only; "cached": references do not run, their n_ref cached keys are attended to.
+    """
+    D, M, C = cfg.hidden_size, cfg.mlp_hidden, cfg.in_channels
+    run_ref = 0 if mode == "cached" else n_ref
+    L = n_txt + n_img + n_ref  # keys every text and target query sees
+    pairs = (n_txt + n_img) * L + {"full": n_ref * L, "extract": n_ref * n_ref, "cached": 0}[mode]
+    # Every token costs the same in any block: qkv 3D^2 + out D^2 + MLP 3DM multiply-adds (double
+    # block streams and the fused single block alike); a query-key pair costs D for QK^T and D for PV.
+    per_block = 2 * (n_txt + n_img + run_ref) * (4 * D * D + 3 * D * M) + 4 * D * pairs
+    embed = 2 * (C * D * (n_img + run_ref) + cfg.context_dim * D * n_txt + D * C * n_img)
+    # Per-sample vectors: timestep MLP, the three modulations, the final adaLN (again for t = 0 refs).
+    vectors = 2 * (cfg.time_dim * D + D * D + 15 * D * D + 2 * D * D)
+    if mode == "extract":
+        vectors += 2 * (cfg.time_dim * D + D * D + 9 * D * D)
+    return (cfg.depth + cfg.depth_single) * per_block + embed + vectors
+
+
+def loop_flops(cfg, n_txt, n_img, n_ref, kv, steps=STEPS):
+    """FLOPs of a steps-long sampling loop: every step full, or extract once then cached steps."""
+    if not kv:
+        return steps * forward_flops(cfg, n_txt, n_img, n_ref, "full")
+    return forward_flops(cfg, n_txt, n_img, n_ref, "extract") + (steps - 1) * forward_flops(cfg, n_txt, n_img, n_ref, "cached")
+
+
+def kept(tokens, keep):
+    return max(1, round(keep * tokens))
+
+
+# ----------------------------------------------------------------------------------------------
+# Model, inputs and measurement
+
+
+def build_model(cfg, device, dtype, seed=0):
+    """Random weights without the slow default init: build on meta, allocate, fill once."""
+    with torch.device("meta"):
+        model = Flux2(cfg).to(dtype)
+    model = model.to_empty(device=device)
+    g = torch.Generator(device).manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim == 1:
+                p.fill_(1.0)  # RMSNorm scales
+            else:
+                p.normal_(0.0, p.shape[1] ** -0.5, generator=g)  # unit-variance activations
+    return model.eval().requires_grad_(False)
+
+
+def build_diffusers(model):
+    """diffusers' Flux2Transformer2DModel sharing our weights, or None without diffusers (a dev dependency)."""
+    try:
+        from diffusers import Flux2Transformer2DModel
+        from diffusers.loaders.single_file_utils import convert_flux2_transformer_checkpoint_to_diffusers
+    except ImportError:
+        return None
+    c = model.cfg
+    with torch.device("meta"):
+        twin = Flux2Transformer2DModel(
+            in_channels=c.in_channels, num_layers=c.depth, num_single_layers=c.depth_single,
+            attention_head_dim=c.head_dim, num_attention_heads=c.num_heads, joint_attention_dim=c.context_dim,
+            axes_dims_rope=c.axes_dim, mlp_ratio=c.mlp_ratio, rope_theta=c.theta,
+            timestep_guidance_channels=c.time_dim, eps=c.eps, guidance_embeds=False,
+        )  # fmt: skip
+    # The converter pops from the dict it gets and mostly returns views: the weights are shared.
+    twin.load_state_dict(convert_flux2_transformer_checkpoint_to_diffusers(dict(model.state_dict())), assign=True)
+    return twin.eval().requires_grad_(False)
+
+
+def reuse_freed_memory():
+    """Have glibc malloc keep and reuse freed memory; True when it took effect.
+
+    By default glibc mmaps each allocation above its threshold (128 KB, rising to at most 32 MB) and
+    unmaps it on free, so every large tensor is page-faulted in afresh; on this VM that costs more than
+    an elementwise op itself (70 ms vs 16 ms for 17.7M floats), a cost per token that is not the
+    model's. Caching allocators (CUDA's, jemalloc, tcmalloc) avoid it the same way.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+    return bool(libc.mallopt(M_MMAP_THRESHOLD, 2**30) and libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def seconds(fn, device):
+    sync(device)
+    start = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - start
+
+
+def peak_bytes(fn, device):
+    """Peak bytes torch allocates during fn() above what was live before (weights and inputs excluded)."""
+    if device.type == "cuda":
+        sync(device)
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        sync(device)
+        return torch.cuda.max_memory_allocated() - base
+    # The CPU allocator keeps no statistics: replay the profiler's allocation and free events in order.
+    from torch.profiler import ProfilerActivity, profile
+
+    try:
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            fn()
+        events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
+    except Exception as e:  # a private profiler interface: report nothing rather than fail
+        print(f"CPU memory measurement unavailable ({e})")
+        return None
+    live = peak = 0
+    for _, n in events:
+        live += n
+        peak = max(peak, live)
+    return peak
+
+
+@torch.no_grad()
+def bench_refs(model, twin, n_refs, args, device, dtype, log):
+    """Every point for one number of references; returns (rows, diffusers row or None)."""
+    cfg, side = model.cfg, args.size // 16  # one token per 16x16 pixels
+    n_img, n_txt = side * side, args.text_tokens
+    g = torch.Generator().manual_seed(n_refs)
+    rand = lambda *shape: torch.randn(*shape, generator=g).to(device, dtype)
+    img, img_ids = rand(1, n_img, cfg.in_channels), grid_ids(side, side).to(device)
+    txt, txt_ids = rand(1, n_txt, cfg.context_dim), text_ids(n_txt).to(device)
+    refs = [(rand(1, n_img, cfg.in_channels), grid_ids(side, side, t=10 * (k + 1)).to(device)) for k in range(n_refs)]
+    sigmas = schedule(STEPS, n_img).to(device)
+    t = sigmas[:1]
+
+    jobs = {}  # (what, keep, cache) -> callable; what: diffusers, fwd, extract, cached, loop
+    if twin is not None:  # first, so that it runs right next to our dense forward in every round
+        ref, ref_ids = torch.cat([r for r, _ in refs], 1), torch.cat([i for _, i in refs])
+        jobs["diffusers", 1.0, "none"] = functools.partial(
+            twin, hidden_states=torch.cat([img, ref], 1), encoder_hidden_states=txt, timestep=t,
+            img_ids=torch.cat([img_ids, ref_ids]), txt_ids=txt_ids, return_dict=False,
+        )  # fmt: skip
+    for keep in KEEPS:
+        parts = []
+        for r, ids in refs:  # row selection: a kept token keeps its own id
+            idx = torch.randperm(n_img, generator=g)[: kept(n_img, keep)].sort().values.to(device)
+            parts.append((r[:, idx], ids[idx]))
+        ref, ref_ids = torch.cat([p[0] for p in parts], 1), torch.cat([p[1] for p in parts])
+        fwd = functools.partial(model, img, img_ids, txt, txt_ids, t, ref=ref, ref_ids=ref_ids)
+        cache = KVCache()
+        fwd(kv_cache=cache)  # fills the cache for the cached-step timing (and warms the extract shapes)
+        jobs["fwd", keep, "none"] = fwd
+        jobs["extract", keep, "kv"] = lambda fwd=fwd: fwd(kv_cache=KVCache())
+        jobs["cached", keep, "kv"] = functools.partial(model, img, img_ids, txt, txt_ids, t, kv_cache=cache)
+        for kv in (False, True):
+            jobs["loop", keep, "kv" if kv else "none"] = functools.partial(
+                denoise, model, img, img_ids, txt, txt_ids, sigmas, ref=ref, ref_ids=ref_ids, kv_cache=kv
+            )
+
+    # Warm-up, untimed; the loops also give the peak memory (and warm every forward shape).
+    memory = {k: peak_bytes(fn, device) for k, fn in jobs.items() if k[0] == "loop"}
+    err = None
+    if twin is not None:  # same weights, same inputs: the outputs must agree (a timing of the same work)
+        ours, theirs = jobs["fwd", 1.0, "none"]().float(), jobs["diffusers", 1.0, "none"]()[0][:, :n_img].float()
+        err = ((ours - theirs).abs().max() / theirs.abs().max()).item()
+
+    # Rounds: every job once per round, dense and sparse interleaved, order reversed on odd rounds so
+    # slow drift hits both. Other work on a shared machine only ever adds time: keep each job's minimum.
+    times = {k: [] for k in jobs}
+    order = list(jobs)
+    for r in range(args.rounds):
+        for k in order if r % 2 == 0 else order[::-1]:
+            times[k].append(seconds(jobs[k], device))
+        log(f"  {n_refs} refs: round {r + 1}/{args.rounds} done")
+    best = {k: min(v) for k, v in times.items()}
+
+    rows = []
+    for keep in KEEPS:
+        n_ref = n_refs * kept(n_img, keep)
+        dense_n = n_refs * n_img
+        for cache in ("none", "kv"):
+            kv = cache == "kv"
+            fwd_key = ("cached" if kv else "fwd", keep, cache)
+            f_dense = forward_flops(cfg, n_txt, n_img, dense_n)
+            f_point = forward_flops(cfg, n_txt, n_img, n_ref, "cached" if kv else "full")
+            l_dense = loop_flops(cfg, n_txt, n_img, dense_n, kv=False)
+            l_point = loop_flops(cfg, n_txt, n_img, n_ref, kv)
+            row = dict(refs=n_refs, keep=keep, ref_tokens=n_ref, cache=cache)
+            row["fwd_s"] = best[fwd_key]
+            row["fwd_speedup"] = best["fwd", 1.0, "none"] / best[fwd_key]
+            row["fwd_ideal"] = f_dense / f_point
+            row["extract_s"] = best["extract", keep, cache] if kv else None
+            row["loop_s"] = best["loop", keep, cache]
+            row["loop_speedup"] = best["loop", 1.0, "none"] / best["loop", keep, cache]
+            row["loop_ideal"] = l_dense / l_point
+            row["mem"] = memory["loop", keep, cache]
+            rows.append(row)
+    dense = None
+    if twin is not None:
+        d = ("diffusers", 1.0, "none")
+        ours = best["fwd", 1.0, "none"]
+        dense = dict(refs=n_refs, ours_s=ours, diffusers_s=best[d], ratio=ours / best[d], err=err)
+    return rows, dense
+
+
+# ----------------------------------------------------------------------------------------------
+# Reporting
+
+
+HEADER = (
+    "| refs | keep | ref tokens | cache | fwd ms | fwd speedup | fwd ideal | fwd eff "
+    "| extract ms | 4-step s | 4-step speedup | 4-step ideal | 4-step eff | peak mem MB |"
+)
+
+
+def fmt_row(r):
+    mb = "n/a" if r["mem"] is None else f"{r['mem'] / 2**20:.1f}"
+    ext = "-" if r["extract_s"] is None else f"{1e3 * r['extract_s']:.1f}"
+    return (
+        f"| {r['refs']} | {r['keep']:g} | {r['ref_tokens']} | {r['cache']} | {1e3 * r['fwd_s']:.1f} "
+        f"| {r['fwd_speedup']:.2f}x | {r['fwd_ideal']:.2f}x | {r['fwd_speedup'] / r['fwd_ideal']:.2f} | {ext} "
+        f"| {r['loop_s']:.3f} | {r['loop_speedup']:.2f}x | {r['loop_ideal']:.2f}x "
+        f"| {r['loop_speedup'] / r['loop_ideal']:.2f} | {mb} |"
+    )
+
+
+def target_lines(rows, dense):
+    """The targets (measured here, never asserted in tests)."""
+    effs = sorted((min(r["fwd_speedup"] / r["fwd_ideal"], r["loop_speedup"] / r["loop_ideal"]), i) for i, r in enumerate(rows))
+    low = [f"{rows[i]['refs']} refs keep {rows[i]['keep']:g} {rows[i]['cache']} ({e:.2f})" for e, i in effs if e < 0.9]
+    verdict = "MET" if not low else f"missed at {len(low)} of {len(rows)} points, worst: " + "; ".join(low[:3])
+    lines = [f"- efficiency >= 0.9 at every point (fwd and 4-step): min {effs[0][0]:.2f} -> {verdict}"]
+    pick = {(r["refs"], r["keep"], r["cache"]): r for r in rows}
+    if (6, 0.1, "none") in pick:
+        a, b = pick[6, 0.1, "none"], pick[6, 0.1, "kv"]
+        lines.append(f"- 6 refs keep 0.1, no cache >= 4x: forward {a['fwd_speedup']:.2f}x, 4-step {a['loop_speedup']:.2f}x "
+                     f"-> {'MET' if a['fwd_speedup'] >= 4 else 'missed'}")  # fmt: skip
+        lines.append(f"- 6 refs keep 0.1, KV cache >= 6.72x over dense 4-step: {b['loop_speedup']:.2f}x "
+                     f"-> {'MET' if b['loop_speedup'] >= 6.72 else 'missed'}")  # fmt: skip
+    if dense:
+        worst = max(d["ratio"] for d in dense)
+        lines.append(f"- dense forward ours / diffusers <= 1.05: max {worst:.3f} -> {'MET' if worst <= 1.05 else 'missed'}")
+    return lines
+
+
+def machine(device):
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo") as f:
+            name = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        import platform
+
+        name = platform.processor() or "unknown CPU"
+    return f"{name}, {torch.get_num_threads()} threads"
+
+
+def write_atomic(path, data):
+    """Temporary file next to path, then rename: a reader never sees a half-written file."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def write_markdown(path, rows, dense, args, cfg, device, dtype, command, load, malloc_tuned):
+    side = args.size // 16
+    if device.type == "cuda":
+        notes = "torch.cuda.max_memory_allocated during the 4-step loop, above the weights and inputs."
+    else:
+        notes = ("measured: the peak of the bytes torch allocates during the 4-step loop, above the weights "
+                 "and inputs (torch.profiler allocation events; not RSS). glibc malloc "
+                 + ("was set to reuse freed memory (see reuse_freed_memory), as jemalloc or tcmalloc would."
+                    if malloc_tuned else "kept its defaults (large tensors page-faulted in afresh)."))  # fmt: skip
+    out = [
+        "# Sparse Context benchmark",
+        "",
+        f"- date: {datetime.datetime.now().isoformat(timespec='seconds')}",
+        f"- machine: {machine(device)}; torch {torch.__version__}; {device.type}, {str(dtype).removeprefix('torch.')}",
+        f"- model: {args.config} (hidden {cfg.hidden_size}, {cfg.num_heads} heads of {cfg.head_dim}, {cfg.depth} "
+        f"double + {cfg.depth_single} single blocks, context_dim {cfg.context_dim}), random weights",
+        f"- inputs: {args.size}x{args.size} target and references ({side}x{side} = {side * side} tokens each), "
+        f"{args.text_tokens} text tokens, batch 1, {STEPS}-step loop",
+        f"- command: `{command}`",
+        f"- load average (1 min) at start and end: {load[0]:.1f}, {load[1]:.1f} (other work on the machine)",
+        "",
+        f"Every job runs once per round, dense and sparse interleaved (order reversed on odd rounds), "
+        f"{args.rounds} rounds after a warm-up; each time is the minimum over rounds, since other work only "
+        "adds time, and each speedup is the ratio of two such minima from this run to dense (keep 1, no cache, "
+        "same number of references). fwd: one forward (KV rows: a cached step; extract ms: the step-0 forward "
+        "that fills the cache). 4-step: the sampling loop (KV: step 0 extracts the reference K/V, steps 1-3 "
+        "reuse them). ideal = dense FLOPs / point FLOPs (matmuls plus QK^T and PV of exactly the tokens "
+        f"processed; elementwise work ignored); eff = speedup / ideal. Peak memory: {notes}",
+        "",
+        HEADER,
+        "|" + "---|" * (HEADER.count("|") - 1),
+        *map(fmt_row, rows),
+        "",
+    ]
+    if dense:
+        out += [
+            "## Dense forward: ours vs diffusers' Flux2Transformer2DModel (same weights)",
+            "",
+            "| refs | ours ms | diffusers ms | ours / diffusers | max rel. output difference |",
+            "|---|---|---|---|---|",
+            *(f"| {d['refs']} | {1e3 * d['ours_s']:.1f} | {1e3 * d['diffusers_s']:.1f} | {d['ratio']:.3f} | {d['err']:.1e} |" for d in dense),
+            "",
+        ]
+    out += ["## Targets", "", *target_lines(rows, dense), ""]
+    write_atomic(path, "\n".join(out).encode())
+
+
+def plot(path, rows, refs):
+    """Speedup of the 4-step loop vs references: solid no cache, dashed KV cache, faint the ideal."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no plot")
+        return
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for i, keep in enumerate(KEEPS):
+        for cache, style in (("none", "-"), ("kv", "--")):
+            pts = [r for r in rows if r["keep"] == keep and r["cache"] == cache]
+            x = [r["refs"] for r in pts]
+            label = f"keep {keep:g}" + (" + KV cache" if cache == "kv" else "")
+            ax.plot(x, [r["loop_speedup"] for r in pts], style, marker="o", color=f"C{i}", label=label)
+            ax.plot(x, [r["loop_ideal"] for r in pts], style, color=f"C{i}", alpha=0.2, linewidth=4)
+    values = [v for r in rows for v in (r["loop_speedup"], r["loop_ideal"])]
+    ticks = [2**i for i in range(-4, 8) if min(values) / 1.2 <= 2**i <= 1.2 * max(values)]
+    ax.set(xlabel="references", ylabel=f"speedup over dense ({STEPS}-step loop)", yscale="log", xticks=refs)
+    ax.set_yticks(ticks, [f"{t:g}x" for t in ticks])
+    ax.set_yticks([], minor=True)
+    ax.set_title("Sparse Context speedup (faint, wide: the FLOP ideal)", fontsize=10)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".png")
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=120)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default="bench", choices=["bench", "klein-4b", "klein-9b"],
+                   help="model shape: bench = the small CPU config described above; klein-4b/9b = the real shapes")
+    p.add_argument("--size", type=int, default=512, help="target and reference side in pixels (multiple of 16)")
+    p.add_argument("--text-tokens", type=int, default=512, help="text sequence length (klein pads to 512)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: fp32 on CPU, bf16 on CUDA")
+    p.add_argument("--refs", type=int, nargs="+", default=list(REFS), help="numbers of references to time")
+    p.add_argument("--rounds", type=int, default=3, help="timed rounds per point (after one warm-up round)")
+    p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="CPU threads for torch")
+    p.add_argument("--no-diffusers", action="store_true", help="skip the comparison with diffusers' transformer")
+    p.add_argument("--quick", action="store_true", help="tiny model and images, 1 round, 1 thread: a smoke test")
+    p.add_argument("--out-md", default="BENCHMARKS.md", help="markdown report")
+    p.add_argument("--out-png", default="benchmarks.png", help="speedup plot")  # fmt: skip
+    args = p.parse_args(argv)
+    if args.quick and args.config != "bench":
+        p.error("--quick uses its own tiny config")
+    if args.quick:  # tiny ops gain nothing from threads, which only wait on a busy machine
+        args.size, args.text_tokens, args.rounds, args.threads = 64, 8, 1, 1
+    if args.size % 16:
+        p.error("--size must be a multiple of 16")
+    device = torch.device(args.device)
+    dtype = DTYPES[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
+    torch.set_num_threads(args.threads)
+    command = shlex.join(["python", "bench.py", *(sys.argv[1:] if argv is None else argv)])
+    log = lambda msg: print(msg, flush=True)
+    malloc_tuned = device.type == "cpu" and reuse_freed_memory()
+    if device.type == "cpu" and not malloc_tuned:
+        log("could not tune glibc malloc: large tensors will be page-faulted in afresh")
+
+    cfg = bench_config(args.quick) if args.config == "bench" else Flux2Config.from_name(args.config)
+    load = [os.getloadavg()[0]]
+    model = build_model(cfg, device, dtype)
+    twin = None if args.no_diffusers else build_diffusers(model)
+    if twin is None and not args.no_diffusers:
+        log("diffusers not importable: no comparison")
+    log(f"{machine(device)}, torch {torch.__version__}, {args.config} {args.size}px, {dtype}")
+    log(HEADER)
+    rows, dense = [], []
+    for n_refs in args.refs:
+        r, d = bench_refs(model, twin, n_refs, args, device, dtype, log)
+        rows += r
+        dense += [d] if d else []
+        for row in r:
+            log(fmt_row(row))
+        if d:
+            log(f"  dense forward ours {1e3 * d['ours_s']:.1f} ms, diffusers {1e3 * d['diffusers_s']:.1f} ms, "
+                f"ratio {d['ratio']:.3f}, max rel. output difference {d['err']:.1e}")  # fmt: skip
+    load.append(os.getloadavg()[0])
+    write_markdown(args.out_md, rows, dense, args, cfg, device, dtype, command, load, malloc_tuned)
+    plot(args.out_png, rows, args.refs)
+    log("targets (measured, not asserted):")
+    for line in target_lines(rows, dense):
+        log(line)
+    log(f"wrote {args.out_md} and {args.out_png}")
+
+
+if __name__ == "__main__":
+    main()
