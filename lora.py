@@ -25,6 +25,8 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from model import SWAPPED, diffusers_names, swap_halves
+
 # diffusers' klein trainer targets to_q/to_k/to_v, to_out.0, to_qkv_mlp_proj and the single blocks'
 # attn.to_out; these are the same layers under our (BFL) names.
 DEFAULT_TARGETS = (
@@ -33,7 +35,6 @@ DEFAULT_TARGETS = (
     "single_blocks.*.linear1",
     "single_blocks.*.linear2",
 )
-SWAPPED = "final_layer.adaLN_modulation.1"  # rows (shift, scale) here, (scale, shift) in diffusers' norm_out
 
 
 def num_chunks(name):
@@ -135,46 +136,6 @@ def unmerge(model):
 
 # ----------------------------------------------------------------------------------------------
 # Names in other formats
-
-
-def diffusers_names(cfg):
-    """diffusers module name -> (our module name, chunk): every Linear of the transformer."""
-    names = {
-        "x_embedder": "img_in",
-        "context_embedder": "txt_in",
-        "time_guidance_embed.timestep_embedder.linear_1": "time_in.in_layer",
-        "time_guidance_embed.timestep_embedder.linear_2": "time_in.out_layer",
-        "double_stream_modulation_img.linear": "double_stream_modulation_img.lin",
-        "double_stream_modulation_txt.linear": "double_stream_modulation_txt.lin",
-        "single_stream_modulation.linear": "single_stream_modulation.lin",
-        "norm_out.linear": SWAPPED,
-        "proj_out": "final_layer.linear",
-    }
-    names = {k: (v, 0) for k, v in names.items()}
-    for i in range(cfg.depth):
-        d, b = f"transformer_blocks.{i}", f"double_blocks.{i}"
-        for c, (img, txt) in enumerate([("to_q", "add_q_proj"), ("to_k", "add_k_proj"), ("to_v", "add_v_proj")]):
-            names[f"{d}.attn.{img}"] = (f"{b}.img_attn.qkv", c)
-            names[f"{d}.attn.{txt}"] = (f"{b}.txt_attn.qkv", c)
-        pairs = {
-            "attn.to_out.0": "img_attn.proj",
-            "attn.to_add_out": "txt_attn.proj",
-            "ff.linear_in": "img_mlp.0",
-            "ff.linear_out": "img_mlp.2",
-            "ff_context.linear_in": "txt_mlp.0",
-            "ff_context.linear_out": "txt_mlp.2",
-        }
-        names.update({f"{d}.{a}": (f"{b}.{o}", 0) for a, o in pairs.items()})
-    for i in range(cfg.depth_single):
-        names[f"single_transformer_blocks.{i}.attn.to_qkv_mlp_proj"] = (f"single_blocks.{i}.linear1", 0)
-        names[f"single_transformer_blocks.{i}.attn.to_out"] = (f"single_blocks.{i}.linear2", 0)
-    return names
-
-
-def swap_halves(b):
-    """(scale, shift) rows <-> (shift, scale) rows: the final layer's order differs between formats."""
-    first, second = b.chunk(2, dim=0)
-    return torch.cat([second, first], dim=0)
 
 
 def to_diffusers(model):

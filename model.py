@@ -376,10 +376,18 @@ class Flux2(nn.Module):
 # Loading: BFL single files load as they are; diffusers checkpoints are renamed to BFL names.
 
 
-def diffusers_to_bfl(sd):
-    """diffusers Flux2Transformer2DModel state dict -> BFL names (q/k/v fused, final shift/scale swapped)."""
-    out, sd = {}, dict(sd)
-    top = {
+SWAPPED = "final_layer.adaLN_modulation.1"  # rows (shift, scale) here, (scale, shift) in diffusers' norm_out
+
+
+def swap_halves(w):
+    """(shift, scale) rows <-> (scale, shift) rows."""
+    a, b = w.chunk(2, dim=0)
+    return torch.cat([b, a], dim=0)
+
+
+def diffusers_names(cfg):
+    """diffusers module name -> (our module name, chunk): chunk c of our fused q/k/v is diffusers' c-th."""
+    names = {
         "x_embedder": "img_in",
         "context_embedder": "txt_in",
         "time_guidance_embed.timestep_embedder.linear_1": "time_in.in_layer",
@@ -387,25 +395,21 @@ def diffusers_to_bfl(sd):
         "double_stream_modulation_img.linear": "double_stream_modulation_img.lin",
         "double_stream_modulation_txt.linear": "double_stream_modulation_txt.lin",
         "single_stream_modulation.linear": "single_stream_modulation.lin",
+        "norm_out.linear": SWAPPED,
         "proj_out": "final_layer.linear",
     }
-    for a, b in top.items():
-        if f"{a}.weight" in sd:
-            out[f"{b}.weight"] = sd.pop(f"{a}.weight")
-    if "norm_out.linear.weight" in sd:
-        scale, shift = sd.pop("norm_out.linear.weight").chunk(2, dim=0)
-        out["final_layer.adaLN_modulation.1.weight"] = torch.cat([shift, scale], dim=0)
+    names = {k: (v, 0) for k, v in names.items()}
     double = {
-        "attn.norm_q": "img_attn.norm.query_norm",
-        "attn.norm_k": "img_attn.norm.key_norm",
-        "attn.norm_added_q": "txt_attn.norm.query_norm",
-        "attn.norm_added_k": "txt_attn.norm.key_norm",
         "attn.to_out.0": "img_attn.proj",
         "attn.to_add_out": "txt_attn.proj",
         "ff.linear_in": "img_mlp.0",
         "ff.linear_out": "img_mlp.2",
         "ff_context.linear_in": "txt_mlp.0",
         "ff_context.linear_out": "txt_mlp.2",
+        "attn.norm_q": "img_attn.norm.query_norm",
+        "attn.norm_k": "img_attn.norm.key_norm",
+        "attn.norm_added_q": "txt_attn.norm.query_norm",
+        "attn.norm_added_k": "txt_attn.norm.key_norm",
     }
     single = {
         "attn.to_qkv_mlp_proj": "linear1",
@@ -413,22 +417,30 @@ def diffusers_to_bfl(sd):
         "attn.norm_q": "norm.query_norm",
         "attn.norm_k": "norm.key_norm",
     }
-    for key in list(sd):
-        m = re.fullmatch(r"(transformer_blocks|single_transformer_blocks)\.(\d+)\.(.+)\.weight", key)
-        if not m:
+    for i in range(cfg.depth):
+        d, b = f"transformer_blocks.{i}", f"double_blocks.{i}"
+        for c, (img, txt) in enumerate([("to_q", "add_q_proj"), ("to_k", "add_k_proj"), ("to_v", "add_v_proj")]):
+            names[f"{d}.attn.{img}"] = (f"{b}.img_attn.qkv", c)
+            names[f"{d}.attn.{txt}"] = (f"{b}.txt_attn.qkv", c)
+        names.update({f"{d}.{a}": (f"{b}.{o}", 0) for a, o in double.items()})
+    for i in range(cfg.depth_single):
+        names.update({f"single_transformer_blocks.{i}.{a}": (f"single_blocks.{i}.{o}", 0) for a, o in single.items()})
+    return names
+
+
+def diffusers_to_bfl(sd, cfg):
+    """diffusers Flux2Transformer2DModel state dict -> our (BFL) names: q/k/v fused, final shift/scale swapped."""
+    names, out, chunks = diffusers_names(cfg), {}, {}
+    for key, w in sd.items():
+        module = key.removesuffix(".weight")
+        if module not in names:
+            out[key] = w  # reported as unexpected by load_into
             continue
-        kind, i, name = m.groups()
-        table, prefix = (double, "double_blocks") if kind == "transformer_blocks" else (single, "single_blocks")
-        suffix = "scale" if "norm" in name else "weight"
-        if name in table:
-            out[f"{prefix}.{i}.{table[name]}.{suffix}"] = sd.pop(key)
-        elif kind == "transformer_blocks" and name in ("attn.to_q", "attn.add_q_proj"):
-            p = "attn." if name == "attn.to_q" else "attn.add_"
-            names = [f"{kind}.{i}.{p}{x}.weight" for x in (("to_q", "to_k", "to_v") if p == "attn." else ("q_proj", "k_proj", "v_proj"))]
-            if all(n in sd for n in names):
-                stream = "img" if p == "attn." else "txt"
-                out[f"double_blocks.{i}.{stream}_attn.qkv.weight"] = torch.cat([sd.pop(n) for n in names], dim=0)
-    out.update(sd)  # anything left over is reported as unexpected by load_into
+        ours, c = names[module]
+        suffix = "scale" if ours.endswith("_norm") else "weight"
+        chunks.setdefault(f"{ours}.{suffix}", {})[c] = swap_halves(w) if ours == SWAPPED else w
+    for key, parts in chunks.items():  # a fused q/k/v missing a part comes out mis-shaped and is reported
+        out[key] = torch.cat([parts[c] for c in sorted(parts)], dim=0) if len(parts) > 1 else parts[0]
     return out
 
 
@@ -521,7 +533,7 @@ def load_checkpoint(source):
     with open(cfg_path) as f:
         cfg = config_from_diffusers(json.load(f))
     sd = read_safetensors(diffusers_weight_files(path, "diffusion_pytorch_model"))
-    return cfg, diffusers_to_bfl(sd)
+    return cfg, diffusers_to_bfl(sd, cfg)
 
 
 def load_into(model, sd, dtype=None, device=None):

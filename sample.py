@@ -24,6 +24,8 @@ from PIL import Image
 from tqdm import tqdm
 
 from model import Flux2, KVCache
+from text_encoder import TextEncoder
+from vae import AutoEncoder, pack, unpack
 
 # ----------------------------------------------------------------------------------------------
 # Positions and schedule (pure functions)
@@ -40,16 +42,6 @@ def grid_ids(h, w, t=0):
     """(h * w, 4) ids (t, row, col, 0) of a token grid, row-major. Reference k has t = 10 (k + 1)."""
     r, c = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
     return torch.stack([torch.full_like(r, t), r, c, torch.zeros_like(r)], dim=-1).flatten(0, 1)
-
-
-def pack(z):
-    """(B, C, h, w) -> (B, h * w, C) tokens, row-major."""
-    return z.flatten(2).transpose(1, 2)
-
-
-def unpack(x, h, w):
-    """(B, h * w, C) -> (B, C, h, w)."""
-    return x.transpose(1, 2).unflatten(2, (h, w))
 
 
 def empirical_mu(seq_len, num_steps):
@@ -234,9 +226,6 @@ def generate(model, prompt, refs=(), steps=None, guidance=None, seed=0, height=N
              keep=1.0, selector="auto", task="edit", uniform_mix=0.25, budget="uniform", lora=None, lora_scale=1.0,
              device=None, dtype=None, save_selection=None, progress=True):  # fmt: skip
     """Sample one image; returns (PIL image, SampleStats). `model` is a klein repository folder or hub id."""
-    from text_encoder import TextEncoder
-    from vae import AutoEncoder
-
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     folder = resolve_source(model)

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 import lora
 import train
 from data import CachedDataset, ManifestError, cache_dataset, read_manifest
-from model import Flux2, diffusers_to_bfl
+from model import Flux2, config_from_diffusers, diffusers_to_bfl
 from sample import load_image, prepare_reference, to_tensor
 from test_sparse_model import TINY, make_inputs, randomize_
 from test_sparse_text import make_tiny_text_encoder_repo
@@ -68,7 +68,7 @@ def run_both(theirs, ours):
 def fused_weights(theirs):
     """diffusers' effective weights after fuse_lora, in BFL names."""
     sd = {k.replace(".base_layer", ""): v for k, v in theirs.state_dict().items() if "lora_" not in k}
-    return diffusers_to_bfl(sd)
+    return diffusers_to_bfl(sd, config_from_diffusers(theirs.config))
 
 
 def test_saved_lora_loads_in_diffusers(pair, tmp_path):

@@ -40,7 +40,8 @@ from tqdm import tqdm
 import lora
 from data import CachedDataset, encode_manifest, write_atomic
 from model import Flux2
-from sample import empirical_mu, grid_ids, pack, text_ids
+from sample import empirical_mu, grid_ids, text_ids
+from vae import pack
 
 MU_STEPS = 50  # the step count whose schedule shift training follows (base klein's default)
 CHECKPOINT, LORA_FILE, LOG = "checkpoint.pt", "pytorch_lora_weights.safetensors", "log.jsonl"
