@@ -496,26 +496,33 @@ def diffusers_weight_files(folder, stem):
     index = os.path.join(folder, f"{stem}.safetensors.index.json")
     if os.path.isfile(index):
         with open(index) as f:
-            return [os.path.join(folder, n) for n in sorted(set(json.load(f)["weight_map"].values()))]
+            files = [os.path.join(folder, n) for n in sorted(set(json.load(f)["weight_map"].values()))]
+        missing = [p for p in files if not os.path.isfile(p)]
+        if missing:
+            raise FileNotFoundError(f"{index} lists shards that are not there: {missing}")
+        return files
     single = os.path.join(folder, f"{stem}.safetensors")
     if not os.path.isfile(single):
         raise FileNotFoundError(f"no {stem}.safetensors (or its index) in {folder}")
     return [single]
 
 
-def resolve_component(source, subfolder, hub_files):
-    """A local file or folder for one pipeline component, downloading from the hub if needed."""
-    if os.path.isfile(source):
-        return source
-    if os.path.isdir(source):
-        sub = os.path.join(source, subfolder)
-        return sub if os.path.isdir(sub) else source
-    if re.fullmatch(r"[\w.-]+/[\w.-]+", source) and not source.startswith("."):
-        from huggingface_hub import snapshot_download
-
-        root = snapshot_download(source, allow_patterns=hub_files)
-        return os.path.join(root, subfolder)
-    raise FileNotFoundError(f"no such file, folder or hub repository: {source}")
+def resolve_component(source, subfolder, hub_files, download=None):
+    """A local file or folder for one pipeline component: `subfolder` of a repository folder if there is one
+    (None: the repository itself); a hub repo id downloads only `hub_files` (with `download`, default
+    huggingface_hub.snapshot_download)."""
+    source = str(source)
+    if not os.path.exists(source):
+        if not re.fullmatch(r"[\w.-]+/[\w.-]+", source) or source.startswith(".") or source.endswith(".safetensors"):
+            raise FileNotFoundError(f"{source} is neither an existing folder or file nor a hub repo id (owner/name)")
+        if download is None:
+            from huggingface_hub import snapshot_download as download
+        try:
+            source = download(source, allow_patterns=hub_files)
+        except Exception as e:
+            raise FileNotFoundError(f"{source} is no local path, and downloading it as a hub repo failed: {e}") from e
+    sub = os.path.join(source, subfolder or "")
+    return sub if subfolder and os.path.isdir(sub) else source
 
 
 def load_checkpoint(source):
@@ -536,12 +543,15 @@ def load_checkpoint(source):
     return cfg, diffusers_to_bfl(sd, cfg)
 
 
-def load_into(model, sd, dtype=None, device=None):
-    """Assign a state dict to a meta-device model; one error naming every mismatched key."""
+def load_into(model, sd, dtype=None, device=None, file_name=None):
+    """Assign a state dict to a meta-device model, moving each tensor to `device` and casting floating-point
+    ones to `dtype` (None: keep). A mismatch is one ValueError naming every missing, unexpected and mis-shaped
+    key, as the file names it (file_name maps our key to the file's, when they differ)."""
+    name = file_name or (lambda k: k)
     expected = model.state_dict()
-    missing = sorted(set(expected) - set(sd))
-    unexpected = sorted(set(sd) - set(expected))
-    shapes = sorted(f"{k}: {tuple(sd[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items() if k in sd and sd[k].shape != v.shape)
+    missing = sorted(name(k) for k in set(expected) - set(sd))
+    unexpected = sorted(name(k) for k in set(sd) - set(expected))
+    shapes = sorted(f"{name(k)}: {tuple(sd[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items() if k in sd and sd[k].shape != v.shape)
     if missing or unexpected or shapes:
         parts = [f"{n}: {', '.join(v)}" for n, v in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", shapes)) if v]
         raise ValueError(f"checkpoint does not match {type(model).__name__}: " + "; ".join(parts))

@@ -23,7 +23,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from model import Flux2, KVCache
+from model import Flux2, KVCache, resolve_component
 from text_encoder import TextEncoder
 from vae import AutoEncoder, pack, unpack
 
@@ -160,14 +160,11 @@ class SampleStats:
 
 def resolve_source(source):
     """A local klein repository folder for a folder path or a hub id (downloads only what sampling needs)."""
-    if os.path.isdir(source):
-        return source
-    if os.path.exists(source) or source.startswith((".", "/")) or source.count("/") != 1:
-        raise FileNotFoundError(f"model source {source!r} is neither a klein repository folder nor a hub id")
-    from huggingface_hub import snapshot_download
-
     patterns = ["model_index.json", "transformer/*", "vae/*", "text_encoder/*", "tokenizer/*"]
-    return snapshot_download(source, allow_patterns=patterns)
+    folder = resolve_component(source, None, patterns)
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"model source {source} is not a klein repository folder")
+    return folder
 
 
 def is_distilled(folder):

@@ -370,13 +370,13 @@ def test_checkpoint_key_errors(tmp_path, repo):
         return root
 
     missing = {k: v for k, v in state.items() if k != "model.layers.3.mlp.up_proj.weight"}
-    with pytest.raises(ValueError, match=r"missing keys: \['model.layers.3.mlp.up_proj.weight'\]"):
+    with pytest.raises(ValueError, match=r"missing: model.layers.3.mlp.up_proj.weight"):
         TextEncoder.from_pretrained(write_variant("missing", missing))
 
     bad = dict(state, **{"model.extra.weight": torch.zeros(2), "model.layers.5.self_attn.q_norm.weight": torch.ones(8)})
-    with pytest.raises(ValueError, match=r"unexpected keys: \['model.extra.weight'\]") as info:
+    with pytest.raises(ValueError, match=r"unexpected: model.extra.weight") as info:
         TextEncoder.from_pretrained(write_variant("bad", bad))
-    assert "model.layers.5.self_attn.q_norm.weight: checkpoint (8,), model (16,)" in str(info.value)
+    assert "model.layers.5.self_attn.q_norm.weight: (8,) vs (16,)" in str(info.value)
 
     # layer 27 (0-based), the final norm and lm_head are not needed for index 27 and are not read
     needed = {k: v for k, v in state.items() if not k.startswith(("model.layers.27.", "model.norm."))}

@@ -21,8 +21,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from huggingface_hub import snapshot_download
-from safetensors import safe_open
 from tokenizers import Tokenizer
+
+from model import diffusers_weight_files, load_into, read_safetensors, resolve_component
 
 
 @dataclass
@@ -219,7 +220,7 @@ class TextEncoder(nn.Module):
     def from_pretrained(cls, source, dtype=None, device=None, layers=(9, 18, 27)):
         """source: a klein repository folder (with text_encoder/ and tokenizer/) or a hub repo id.
         dtype None keeps the checkpoint's dtype; device None is the CPU."""
-        folder = _resolve_source(source)
+        folder = Path(resolve_component(source, None, ["text_encoder/*", "tokenizer/*"], download=snapshot_download))
         te_dir, tok_dir = folder / "text_encoder", folder / "tokenizer"
         for needed in (te_dir / "config.json", tok_dir / "tokenizer.json"):
             if not needed.is_file():
@@ -232,9 +233,7 @@ class TextEncoder(nn.Module):
 
         with torch.device("meta"):  # no memory and no random init: every tensor comes from the checkpoint
             encoder = cls(config, tokenizer, _pad_token_id(tokenizer, tok_dir), layers)
-        state_dict = _read_weights(_weight_files(te_dir), encoder.model, config.num_hidden_layers, dtype, device)
-        encoder.load_state_dict(state_dict, assign=True)
-        return encoder.requires_grad_(False)
+        return _load_weights(encoder, te_dir, dtype, device).requires_grad_(False)
 
     def tokenize(self, prompts, max_length=512):
         """Chat-templated, right-padded, truncated token ids and attention mask, both (B, max_length)."""
@@ -266,18 +265,6 @@ class TextEncoder(nn.Module):
 # loading
 
 
-def _resolve_source(source):
-    path = Path(source)
-    if path.exists():
-        if not path.is_dir():
-            raise NotADirectoryError(f"{source} is not a folder")
-        return path
-    # "owner/name" that is not a local path: a hub repo id; fetch only what the text encoder needs
-    if re.fullmatch(r"[\w.-]+/[\w.-]+", str(source)) and not str(source).startswith("."):
-        return Path(snapshot_download(str(source), allow_patterns=["text_encoder/*", "tokenizer/*"]))
-    raise FileNotFoundError(f"{source} is neither an existing folder nor a hub repo id (owner/name)")
-
-
 def _pad_token_id(tokenizer, tok_dir):
     config_path = tok_dir / "tokenizer_config.json"
     settings = json.loads(config_path.read_text()) if config_path.is_file() else {}
@@ -294,53 +281,22 @@ def _pad_token_id(tokenizer, tok_dir):
     return pad_id
 
 
-def _weight_files(te_dir):
-    index = te_dir / "model.safetensors.index.json"
-    if index.is_file():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        missing = [s for s in shards if not (te_dir / s).is_file()]
-        if missing:
-            raise FileNotFoundError(f"{index} lists shards that are not there: {missing}")
-        return [te_dir / s for s in shards]
-    single = te_dir / "model.safetensors"
-    if single.is_file():
-        return [single]
-    raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {te_dir}")
-
-
-def _read_weights(files, model, num_hidden_layers, dtype, device):
-    """The checkpoint tensors `model` needs, keyed as `model.<name>`, memory-mapped and (only if asked)
-    cast. Later layers, the final norm and lm_head are skipped unread; any other mismatch (missing,
+def _load_weights(encoder, te_dir, dtype, device):
+    """Assign the checkpoint tensors to the meta-device `encoder` (memory-mapped, cast only if asked).
+    Later layers, the final norm and lm_head are skipped unread; any other mismatch (missing,
     unexpected or mis-shaped keys) is one ValueError listing all of them."""
-    expected = {f"model.{k}": v.shape for k, v in model.state_dict().items()}
-    built = len(model.layers)
+    built, total = len(encoder.model.layers), encoder.config.num_hidden_layers
 
     def skipped(key):
         layer = re.match(r"model\.layers\.(\d+)\.", key)
         if layer:
-            return built <= int(layer.group(1)) < num_hidden_layers
+            return built <= int(layer.group(1)) < total
         return key in ("model.norm.weight", "lm_head.weight")
 
-    device = str(torch.device(device or "cpu"))
-    state_dict, unexpected, misshaped = {}, [], []
-    for path in files:
-        with safe_open(path, framework="pt", device=device) as f:
-            for key in f.keys():
-                if key not in expected:
-                    if not skipped(key):
-                        unexpected.append(key)
-                    continue
-                shape = tuple(f.get_slice(key).get_shape())
-                if shape != tuple(expected[key]):
-                    misshaped.append(f"{key}: checkpoint {shape}, model {tuple(expected[key])}")
-                    continue
-                state_dict[key] = f.get_tensor(key)
-    missing = sorted(set(expected) - set(state_dict) - {m.split(":")[0] for m in misshaped})
-    if missing or unexpected or misshaped:
-        raise ValueError(
-            f"checkpoint {[str(p) for p in files]} does not fit the Qwen3 text encoder:\n"
-            f"  missing keys: {missing}\n  unexpected keys: {sorted(unexpected)}\n  mis-shaped keys: {misshaped}"
-        )
+    files = diffusers_weight_files(te_dir, "model")
+    state_dict = {k: v for k, v in read_safetensors(files).items() if not skipped(k)}
     # one dtype for the whole model: the one asked for, else the checkpoint's (its embedding's)
-    dtype = dtype or state_dict["model.embed_tokens.weight"].dtype
-    return {k: v.to(dtype) for k, v in state_dict.items()}
+    if dtype is None and "model.embed_tokens.weight" in state_dict:
+        dtype = state_dict["model.embed_tokens.weight"].dtype
+
+    return load_into(encoder, state_dict, dtype, device)

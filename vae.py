@@ -19,8 +19,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from huggingface_hub import snapshot_download
-from safetensors import safe_open
 from torch import nn
+
+from model import diffusers_weight_files, load_into, read_safetensors, resolve_component
 
 PATCH = 2  # latents are cut into 2x2 patches: 32 channels x 4 = the 128 the transformer sees
 
@@ -313,31 +314,30 @@ class AutoEncoder(nn.Module):
         The model is built on the meta device and takes the file's tensors as its parameters (no random init, no
         second copy). dtype=None keeps the file's dtypes.
         """
-        path = Path(source)
-        if not path.exists():
-            path = _download(str(source))
+        path = Path(resolve_component(source, "vae", ["vae/*"], download=snapshot_download))
         if path.is_file():
-            sd, names = _read_safetensors(path, dtype, device)
-            if any(k.startswith(("encoder.down_blocks.", "decoder.up_blocks.")) for k in sd):  # diffusers names
-                sd, names = _rename_diffusers(sd, names, _num_levels(sd, "encoder.down_blocks."))
+            sd = read_safetensors([path])
+            from_diffusers = any(k.startswith(("encoder.down_blocks.", "decoder.up_blocks.")) for k in sd)
+            if from_diffusers:
+                sd = diffusers_to_bfl(sd, _num_levels(sd, "encoder.down_blocks."))
             cfg = config_from_state_dict(sd)
         else:
-            folder = path / "vae" if (path / "vae").is_dir() else path
-            config_file, weights_file = folder / "config.json", folder / "diffusion_pytorch_model.safetensors"
-            for f in (config_file, weights_file):
-                if not f.is_file():
-                    raise FileNotFoundError(f"{f} not found: {path} is not a diffusers VAE folder or repository")
+            config_file = path / "config.json"
+            if not config_file.is_file():
+                raise FileNotFoundError(f"{config_file} not found: not a diffusers VAE folder or repository")
             cfg = config_from_diffusers(json.loads(config_file.read_text()))
-            sd, names = _read_safetensors(weights_file, dtype, device)
-            sd, names = _rename_diffusers(sd, names, len(cfg.block_out_channels))
+            sd = read_safetensors(diffusers_weight_files(path, "diffusion_pytorch_model"))
+            sd, from_diffusers = diffusers_to_bfl(sd, len(cfg.block_out_channels)), True
 
         with torch.device("meta"):
             model = cls(cfg)
         # BFL's file may lack this counter (it is bookkeeping, never read here)
-        sd.setdefault("bn.num_batches_tracked", torch.zeros((), dtype=torch.long, device=device))
-        _check_state_dict(model, sd, names)
-        model.load_state_dict(sd, strict=True, assign=True)
-        return model.eval()
+        sd.setdefault("bn.num_batches_tracked", torch.zeros((), dtype=torch.long))
+
+        def file_name(k):  # errors name keys as the file does
+            return _rename(k, len(cfg.block_out_channels), to_bfl=False) if from_diffusers else k
+
+        return load_into(model, sd, dtype, device, file_name).eval()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -392,28 +392,6 @@ def _num_levels(sd, prefix: str) -> int:
 
 def _as_list(v):
     return list(v) if isinstance(v, (list, tuple)) else v
-
-
-def _download(repo_id: str) -> Path:
-    if not re.fullmatch(r"[\w.-]+/[\w.-]+", repo_id) or repo_id.endswith(".safetensors"):
-        raise FileNotFoundError(f"{repo_id} not found (no such file or folder)")
-    try:
-        return Path(snapshot_download(repo_id, allow_patterns=["vae/*"]))
-    except Exception as e:
-        raise FileNotFoundError(f"{repo_id} is no local path, and downloading it as a hub repo failed: {e}") from e
-
-
-def _read_safetensors(path: Path, dtype, device) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Tensors straight from the memory-mapped file onto `device`, cast one at a time (peak ~ one copy).
-
-    Also returns {name: name}: the name each tensor had in the file, for error messages after renaming.
-    """
-    sd = {}
-    with safe_open(path, framework="pt", device=str(torch.device(device or "cpu"))) as f:
-        for k in f.keys():
-            t = f.get_tensor(k)
-            sd[k] = t.to(dtype) if dtype is not None and t.is_floating_point() else t
-    return sd, {k: k for k in sd}
 
 
 # diffusers prefix <-> BFL prefix; {i} is a level index (reversed for decoder levels, see DecoderLevel)
@@ -473,31 +451,3 @@ def bfl_to_diffusers(sd: dict[str, torch.Tensor], num_levels: int) -> dict[str, 
     for k, t in sd.items():
         out[_rename(k, num_levels, to_bfl=False)] = t[:, :, 0, 0] if _ATTN_WEIGHT.search(k) and t.ndim == 4 else t
     return out
-
-
-def _rename_diffusers(sd, names, num_levels):
-    renamed = diffusers_to_bfl(sd, num_levels)
-    # diffusers_to_bfl keeps order, so zip pairs each new name with the file's name
-    return renamed, {new: names[old] for new, old in zip(renamed, sd)}
-
-
-def _check_state_dict(model: nn.Module, sd: dict[str, torch.Tensor], names: dict[str, str]) -> None:
-    """One ValueError listing every missing, unexpected and mis-shaped tensor, in the file's own naming."""
-    expected = model.state_dict()
-    from_diffusers = any(v != k for k, v in names.items())
-    n = len(model.config.block_out_channels)
-
-    def file_name(k):  # missing keys have no file name; give the one the file's convention would use
-        return names.get(k) or (_rename(k, n, to_bfl=False) if from_diffusers else k)
-
-    missing = [file_name(k) for k in expected if k not in sd]
-    unexpected = [file_name(k) for k in sd if k not in expected]
-    shapes = [
-        f"{file_name(k)}: file {tuple(sd[k].shape)} vs model {tuple(expected[k].shape)}"
-        for k in sd
-        if k in expected and sd[k].shape != expected[k].shape
-    ]
-    found = {"missing": missing, "unexpected": unexpected, "wrong shape": shapes}
-    problems = [f"{what}: {items}" for what, items in found.items() if items]
-    if problems:
-        raise ValueError(f"checkpoint does not fit AutoEncoder({model.config}): " + "; ".join(problems))
