@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from model import Flux2, KVCache, resolve_component
 from text_encoder import TextEncoder
+from token_selectors import draw_selection, select_reference_tokens
 from vae import AutoEncoder, pack, unpack
 
 # ----------------------------------------------------------------------------------------------
@@ -191,10 +192,10 @@ def select_references(images, keep, selector, task, seed, uniform_mix, budget):
         raise ValueError(f"--keep has {len(keeps)} values for {len(images)} reference images")
     if all(k == 1 for k in keeps) and budget == "uniform":
         return [None] * len(images)  # dense: bit-identical to klein
-    from token_selectors import select_reference_tokens
-
-    if selector == "auto":
-        selector = {"edit": "canny", "subject": "saliency"}[task]
+    if task not in ("edit", "subject"):
+        raise ValueError(f"unknown task {task!r}; choose edit or subject")
+    if selector == "auto":  # structure for editing, the salient subject for personalization
+        selector = "canny" if task == "edit" else "saliency"
     return select_reference_tokens(images, keeps, selector=selector, seed=seed, uniform_mix=uniform_mix, budget=budget)
 
 
@@ -291,8 +292,6 @@ def generate(model, prompt, refs=(), steps=None, guidance=None, seed=0, height=N
 
 def save_selection_image(images, kept, path):
     """Each reference with its kept tokens highlighted, side by side in one image."""
-    from token_selectors import draw_selection
-
     tiles = [draw_selection(im, idx if idx is not None else torch.arange((im.size[0] // 16) * (im.size[1] // 16)))
              for im, idx in zip(images, kept)]  # fmt: skip
     canvas = Image.new("RGB", (sum(t.size[0] for t in tiles), max(t.size[1] for t in tiles)), "white")
