@@ -184,20 +184,21 @@ class KVCache:
         self.kv = []
 
 
-def sdpa(q, k, v):
-    """Softmax attention on (B, L, H, D) tensors -> (B, L, H, D).
+def sdpa(q, k, v, mask=None):
+    """Softmax attention on (B, L, H, D) tensors -> (B, L, H, D); mask (B, 1, 1, L_k) bool or None.
 
     SDPA takes (B, H, L, D): transposed views suffice (as diffusers passes them), and its fused
     kernels lay the output out as (B, L, H, D), so no transpose here copies anything.
     """
-    return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
+    return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask).transpose(1, 2)
 
 
-def attention(q, k, v, n_ref, cache=None, layer=0):
+def attention(q, k, v, mask, n_ref, cache=None, layer=0):
     """Joint attention over [text | target | references]; q, k, v (B, L, H, D) -> (B, L, H * D).
 
     n_ref > 0 selects the KV pattern: the last n_ref tokens (references) attend only to themselves,
     the rest attend to all. This is the one place where reference K/V are cached and reused.
+    mask (B, 1, 1, L) is False at padding keys (training batches whose reference subsets differ in size).
     """
     if cache is not None and len(cache) > layer and n_ref == 0:  # cached step: no reference compute
         k_ref, v_ref = (t.transpose(1, 2) for t in cache.kv[layer])
@@ -205,11 +206,11 @@ def attention(q, k, v, n_ref, cache=None, layer=0):
     elif n_ref:
         if cache is not None:  # copies: views would keep every token's K/V alive
             cache.kv.append((k[:, -n_ref:].clone().transpose(1, 2), v[:, -n_ref:].clone().transpose(1, 2)))
-        main = sdpa(q[:, :-n_ref], k, v)
-        ref = sdpa(q[:, -n_ref:], k[:, -n_ref:], v[:, -n_ref:])
+        main = sdpa(q[:, :-n_ref], k, v, mask)
+        ref = sdpa(q[:, -n_ref:], k[:, -n_ref:], v[:, -n_ref:], None if mask is None else mask[..., -n_ref:])
         out = torch.cat([main, ref], dim=1)
     else:
-        out = sdpa(q, k, v)
+        out = sdpa(q, k, v, mask)
     return out.flatten(2)
 
 
@@ -246,7 +247,7 @@ class DoubleStreamBlock(nn.Module):
         self.txt_attn = SelfAttention(D, cfg.num_heads)
         self.txt_mlp = nn.Sequential(nn.Linear(D, 2 * M, bias=False), SwiGLU(), nn.Linear(M, D, bias=False))
 
-    def forward(self, img, txt, img_mod, txt_mod, pe, n_ref, cache, layer):
+    def forward(self, img, txt, img_mod, txt_mod, pe, mask, n_ref, cache, layer):
         # img (B, N + M, D): target then reference tokens (both use the image weights); txt (B, L, D)
         i_shift1, i_scale1, i_gate1, i_shift2, i_scale2, i_gate2 = img_mod
         t_shift1, t_scale1, t_gate1, t_shift2, t_scale2, t_gate2 = txt_mod
@@ -254,7 +255,7 @@ class DoubleStreamBlock(nn.Module):
         tq, tk, tv = self.txt_attn.qkv_heads(modulate(txt, t_shift1, t_scale1, self.eps))
         q = apply_rope(torch.cat([tq, iq], dim=1), pe)
         k = apply_rope(torch.cat([tk, ik], dim=1), pe)
-        out = attention(q, k, torch.cat([tv, iv], dim=1), n_ref, cache, layer)
+        out = attention(q, k, torch.cat([tv, iv], dim=1), mask, n_ref, cache, layer)
         L = txt.shape[1]
         img = gated(img, i_gate1, self.img_attn.proj(out[:, L:]))
         img = gated(img, i_gate2, self.img_mlp(modulate(img, i_shift2, i_scale2, self.eps)))
@@ -275,12 +276,12 @@ class SingleStreamBlock(nn.Module):
         self.norm = QKNorm(cfg.head_dim)
         self.mlp_act = SwiGLU()
 
-    def forward(self, x, mod, pe, n_ref, cache, layer):
+    def forward(self, x, mod, pe, mask, n_ref, cache, layer):
         shift, scale, gate = mod
         qkv, mlp = self.linear1(modulate(x, shift, scale, self.eps)).split(self.split, dim=-1)
         q, k, v = split_heads(qkv, self.num_heads)
         q, k = self.norm(q, k)
-        out = attention(apply_rope(q, pe), apply_rope(k, pe), v, n_ref, cache, layer)
+        out = attention(apply_rope(q, pe), apply_rope(k, pe), v, mask, n_ref, cache, layer)
         return gated(x, gate, self.linear2(torch.cat([out, self.mlp_act(mlp)], dim=-1)))
 
 
@@ -317,13 +318,15 @@ class Flux2(nn.Module):
         self.final_layer = LastLayer(D, cfg.in_channels, cfg.eps)
         self.gradient_checkpointing = False
 
-    def forward(self, img, img_ids, txt, txt_ids, t, ref=None, ref_ids=None, kv_cache=None, kv_pattern=False):
+    def forward(self, img, img_ids, txt, txt_ids, t, ref=None, ref_ids=None, kv_cache=None, kv_pattern=False, ref_mask=None):
         """Velocity of the target tokens (B, N, C).
 
         img (B, N, C) target tokens, img_ids (B, N, 4) or (N, 4); txt (B, L, J), txt_ids; t (B,) sigma
         in [0, 1]; ref (B, M, C), ref_ids: any set of reference tokens with their original ids.
         kv_cache: empty -> run the references in the KV pattern and store their K/V; filled -> reuse
         them (pass no ref). kv_pattern=True gives the KV pattern without a cache (training).
+        ref_mask (B, M) bool, False at padding: lets examples with different numbers of kept reference
+        tokens share a batch (training); each example needs at least one real reference token.
         """
         B, N, _ = img.shape
         cached = kv_cache is not None and len(kv_cache) > 0
@@ -347,13 +350,18 @@ class Flux2(nn.Module):
 
         x = self.img_in(img if not n_ref else torch.cat([img, ref], dim=1))  # (B, N + M, D)
         c = self.txt_in(txt)  # (B, L, D)
+        mask = None
+        if ref_mask is not None and n_ref:
+            if kv_cache is not None:
+                raise ValueError("ref_mask is for training batches; it cannot be combined with a KV cache")
+            mask = torch.cat([ref_mask.new_ones(B, txt.shape[1] + N), ref_mask.bool()], dim=1)[:, None, None]
         n_kv = n_ref if kv else 0
         cache = kv_cache if (kv or cached) else None
         for i, block in enumerate(self.double_blocks):
-            x, c = self._run(block, x, c, img_mod, txt_mod, pe, n_kv, cache, i)
+            x, c = self._run(block, x, c, img_mod, txt_mod, pe, mask, n_kv, cache, i)
         x = torch.cat([c, x], dim=1)
         for i, block in enumerate(self.single_blocks):
-            x = self._run(block, x, single_mod, pe, n_kv, cache, self.cfg.depth + i)
+            x = self._run(block, x, single_mod, pe, mask, n_kv, cache, self.cfg.depth + i)
         x = x[:, c.shape[1] : c.shape[1] + N]
         return self.final_layer(x, vec)
 

@@ -22,7 +22,8 @@ Sigma: logit-normal (mean 0, std 1), then klein's exponential shift s' = e^mu / 
 with mu = sample.empirical_mu(target tokens, 50): training puts its sigmas where klein's sampler
 spends its steps at that resolution (50 is the base models' step count, the ones one fine-tunes).
 References may differ per example in size and kept count; examples of one step that agree in
-target grid and kept count share a forward (up to batch_size), the others run one by one.
+target grid share a forward (up to batch_size), their references padded to the longest and the
+padding masked out of attention (model ref_mask).
 """
 
 import argparse
@@ -93,20 +94,25 @@ def training_example(item, g, keep_range, keep_all_prob):
 
 
 def forward_groups(examples, size):
-    """Examples that can share one forward (same target grid, kept reference count, text length), <= size each."""
+    """Examples that can share one forward (same target grid and text length), <= size each."""
     groups = {}
     for e in examples:
-        groups.setdefault((e["x0"].shape, e["ref"].shape, e["txt"].shape), []).append(e)
+        groups.setdefault((e["x0"].shape, e["txt"].shape), []).append(e)
     return [g[i : i + size] for g in groups.values() for i in range(0, len(g), size)]
 
 
 def flow_matching_loss(model, examples, kv, device):
-    """Per-example loss (B,) of examples of equal shapes, in one forward."""
+    """Per-example loss (B,) of examples of equal target and text shapes, in one forward."""
     stack = lambda k: torch.stack([e[k] for e in examples]).to(device)
+    pad = lambda k: torch.nn.utils.rnn.pad_sequence([e[k] for e in examples], batch_first=True).to(device)
+    counts = [e["ref"].shape[0] for e in examples]
+    mask = None  # padding keys masked out when the examples kept different numbers of reference tokens
+    if len(set(counts)) > 1:
+        mask = (torch.arange(max(counts))[None] < torch.tensor(counts)[:, None]).to(device)
     x0, noise, s = stack("x0"), stack("noise"), stack("s").float()
     x_t = (1 - s[:, None, None]) * x0 + s[:, None, None] * noise
     txt, txt_ids = stack("txt"), text_ids(examples[0]["txt"].shape[0]).to(device)
-    v = model(x_t, stack("img_ids"), txt, txt_ids, s, ref=stack("ref"), ref_ids=stack("ref_ids"), kv_pattern=kv)
+    v = model(x_t, stack("img_ids"), txt, txt_ids, s, ref=pad("ref"), ref_ids=pad("ref_ids"), kv_pattern=kv, ref_mask=mask)
     return (v.float() - (noise - x0)).pow(2).mean(dim=(1, 2))
 
 
@@ -275,7 +281,7 @@ def parse_args(argv=None):
     p.add_argument("--weight-decay", type=float, default=1e-4, help="AdamW weight decay")
     p.add_argument("--warmup", type=int, default=50, help="steps of linear learning-rate warmup, then constant")
     p.add_argument("--batch-size", type=int, default=1,
-                   help="at most this many examples per forward; they stack when target grid and kept count agree")
+                   help="at most this many examples per forward; they stack when their target grids agree")
     p.add_argument("--grad-accum", type=int, default=1, help="each process takes batch-size x grad-accum examples per step")
     p.add_argument("--max-grad-norm", type=float, default=1.0, help="clip the LoRA gradient to this norm")
     p.add_argument("--keep-range", type=float, nargs=2, default=[0.05, 0.25], metavar=("LO", "HI"),
