@@ -1,7 +1,5 @@
 """Transformer parity with diffusers 0.42.1 on tiny random weights that diffusers itself saves."""
 
-import json
-import os
 
 import pytest
 import torch
