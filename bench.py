@@ -2,6 +2,7 @@
 
     python bench.py                                   # CPU default (below), writes BENCHMARKS.md
     python bench.py --config klein-4b --size 1024 --device cuda --dtype bf16
+    python bench.py --per-image                       # many images per reference set, a section of BENCHMARKS.md
 
 For 1, 2, 4 and 6 references and keep fractions 1, 0.25, 0.1, 0.05 it times the transformer forward
 and a 4-step sampling loop, without and with the reference KV cache, on random weights (speed does
@@ -16,7 +17,7 @@ hidden 3072 (6 refs: 1.54 vs 1.46). Heads stay 128 wide (6 of them); 1 double an
 (both kinds, few enough to be quick); context_dim 768 since the text projection is a small cost.
 """
 
-import argparse
+import contextlib
 import ctypes
 import datetime
 import functools
@@ -25,11 +26,13 @@ import shlex
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 import torch
 
-from model import Flux2, Flux2Config, KVCache
-from sample import denoise, grid_ids, schedule, text_ids
+from model import ArgumentParser, Flux2, Flux2Config, KVCache, write_atomic
+from sample import (check_number, check_writable, denoise, expand_cache, generate, grid_ids, initial_noise, resolve_device,
+                    sample_latents, schedule, text_ids, write_text_atomic)  # fmt: skip
 
 REFS = (1, 2, 4, 6)
 KEEPS = (1.0, 0.25, 0.1, 0.05)
@@ -148,6 +151,25 @@ def seconds(fn, device):
     return time.perf_counter() - start
 
 
+@contextlib.contextmanager
+def silenced():
+    """Send stdout and stderr to /dev/null at the file-descriptor level, so that the profiler's own C++
+    logging (`USDT: ... profiler_start`) is silenced too."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    null = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(null, 1)
+        os.dup2(null, 2)
+        yield
+    finally:
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        for fd in (*saved, null):
+            os.close(fd)
+
+
 def peak_bytes(fn, device):
     """Peak bytes torch allocates during fn() above what was live before (weights and inputs excluded)."""
     if device.type == "cuda":
@@ -161,7 +183,7 @@ def peak_bytes(fn, device):
     from torch.profiler import ProfilerActivity, profile
 
     try:
-        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        with silenced(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
             fn()
         events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
     except Exception as e:  # a private profiler interface: report nothing rather than fail
@@ -206,10 +228,9 @@ def bench_refs(model, twin, n_refs, args, device, dtype, log):
         jobs["fwd", keep, "none"] = fwd
         jobs["extract", keep, "kv"] = lambda fwd=fwd: fwd(kv_cache=KVCache())
         jobs["cached", keep, "kv"] = functools.partial(model, img, img_ids, txt, txt_ids, t, kv_cache=cache)
-        for kv in (False, True):
-            jobs["loop", keep, "kv" if kv else "none"] = functools.partial(
-                denoise, model, img, img_ids, txt, txt_ids, sigmas, ref=ref, ref_ids=ref_ids, kv_cache=kv
-            )
+        loop = functools.partial(denoise, model, img, img_ids, txt, txt_ids, sigmas, ref=ref, ref_ids=ref_ids)
+        jobs["loop", keep, "none"] = loop
+        jobs["loop", keep, "kv"] = lambda loop=loop: loop(kv_cache=KVCache())
 
     # Warm-up, untimed; the loops also give the peak memory (and warm every forward shape).
     memory = {k: peak_bytes(fn, device) for k, fn in jobs.items() if k[0] == "loop"}
@@ -310,20 +331,6 @@ def machine(device):
     return f"{name}, {torch.get_num_threads()} threads"
 
 
-def write_atomic(path, data):
-    """Temporary file next to path, then rename: a reader never sees a half-written file."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
 def write_markdown(path, rows, dense, args, cfg, device, dtype, command, load, malloc_tuned):
     side = args.size // 16
     if device.type == "cuda":
@@ -368,7 +375,7 @@ def write_markdown(path, rows, dense, args, cfg, device, dtype, command, load, m
             "",
         ]
     out += ["## Targets", "", *target_lines(rows, dense), ""]
-    write_atomic(path, "\n".join(out).encode())
+    write_text_atomic(path, "\n".join(out))
 
 
 def plot(path, rows, refs):
@@ -398,45 +405,259 @@ def plot(path, rows, refs):
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".png")
-    os.close(fd)
-    try:
-        fig.savefig(tmp, dpi=120)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
     plt.close(fig)
+
+
+# ----------------------------------------------------------------------------------------------
+# Many images per reference set: the reference work is paid once per run, not per image
+
+PER_IMAGE = {1: (1, 1), 4: (1, 4), 16: (4, 4)}  # images N: (prompts, seeds per prompt)
+PER_IMAGE_REFS, PER_IMAGE_KEEP = 6, 0.1
+PER_IMAGE_HEADING = "## Many images per reference set: seconds per image"
+
+
+def set_kv_processors(twin):
+    """The attention processors Flux2KleinKVPipeline installs (its _set_kv_attn_processors)."""
+    from diffusers.models.transformers.transformer_flux2 import Flux2KVAttnProcessor, Flux2KVParallelSelfAttnProcessor
+
+    for block in twin.transformer_blocks:
+        block.attn.set_processor(Flux2KVAttnProcessor())
+    for block in twin.single_transformer_blocks:
+        block.attn.set_processor(Flux2KVParallelSelfAttnProcessor())
+    return twin
+
+
+def diffusers_kv_loop(twin, x, x_ids, txt, txt_ids, ref, ref_ids, sigmas):
+    """Flux2KleinKVPipeline's denoising loop (diffusers 0.42.1, __call__ step 7) on the twin transformer.
+
+    With num_images_per_prompt the pipeline repeats the reference latents for every image
+    (prepare_image_latents), so step 0 runs (and caches) all of them once per image; later steps
+    attend to the cache. x (B, N, C); ref (1, M, C), ids 2-D.
+    """
+    B = x.shape[0]
+    ref = ref.expand(B, -1, -1)
+    common = dict(encoder_hidden_states=txt, txt_ids=txt_ids, return_dict=False)
+    for i in range(len(sigmas) - 1):
+        t = sigmas[i].expand(B)
+        if i == 0:
+            v, cache = twin(hidden_states=torch.cat([ref, x], 1), img_ids=torch.cat([ref_ids, x_ids]), timestep=t,
+                            kv_cache_mode="extract", num_ref_tokens=ref.shape[1], **common)  # fmt: skip
+        else:
+            v = twin(hidden_states=x, img_ids=x_ids, timestep=t, kv_cache=cache, kv_cache_mode="cached", **common)[0]
+        x = x + (sigmas[i + 1] - sigmas[i]) * v
+    return x
+
+
+@torch.no_grad()
+def bench_per_image(model, twin, args, device, dtype, log):
+    """Seconds per image for N = 1, 4, 16 on the bench model: ours dense and keep 0.1 + KV (one batch of
+    N, the references' K/V extracted once) against diffusers' KV pipeline loop (references repeated per
+    image), and the floor: the cached steps alone."""
+    cfg, side = model.cfg, args.size // 16
+    n_img, n_txt = side * side, args.text_tokens
+    g = torch.Generator().manual_seed(0)
+    rand = lambda *shape: torch.randn(*shape, generator=g).to(device, dtype)
+    refs = [(rand(1, n_img, cfg.in_channels), grid_ids(side, side, t=10 * (k + 1)).to(device)) for k in range(PER_IMAGE_REFS)]
+    ref, ref_ids = torch.cat([r for r, _ in refs], 1), torch.cat([i for _, i in refs])
+    rows = torch.cat([torch.randperm(n_img, generator=g)[: kept(n_img, PER_IMAGE_KEEP)].sort().values + k * n_img
+                      for k in range(PER_IMAGE_REFS)]).to(device)  # fmt: skip
+    sparse, sparse_ids = ref[:, rows], ref_ids[rows]
+    prompts = [f"prompt {i}" for i in range(4)]
+    txts = {p: rand(1, n_txt, cfg.context_dim) for p in prompts}
+    img_ids, txt_ids, sigmas = grid_ids(side, side).to(device), text_ids(n_txt).to(device), schedule(STEPS, n_img).to(device)
+
+    jobs, todos = {}, {}  # (N, what) -> callable; N -> its (prompt, seed) pairs
+    for n, (n_prompts, n_seeds) in PER_IMAGE.items():
+        todo = todos[n] = [(p, s) for p in prompts[:n_prompts] for s in range(n_seeds)]
+        run = functools.partial(sample_latents, model, todo, txts, side, side, STEPS, batch_size=n)
+        jobs[n, "dense"] = functools.partial(run, ref=ref, ref_ids=ref_ids)
+        jobs[n, "sparse_kv"] = functools.partial(run, ref=sparse, ref_ids=sparse_ids, kv_cache=True)
+        x = torch.cat([initial_noise(s, cfg.in_channels, side, side, dtype) for _, s in todo]).to(device)
+        txt = torch.cat([txts[p] for p, _ in todo])
+        cache = KVCache()
+        model(x[:1], img_ids, txt[:1], txt_ids, sigmas[:1], ref=sparse, ref_ids=sparse_ids, kv_cache=cache)
+        step = functools.partial(model, x, img_ids, txt, txt_ids, sigmas[:1].expand(n), kv_cache=expand_cache(cache, n))
+        jobs[n, "cached"] = lambda step=step: [step() for _ in range(STEPS)]
+        if twin is not None:
+            jobs[n, "diffusers_kv"] = functools.partial(diffusers_kv_loop, twin, x, img_ids, txt, txt_ids, ref, ref_ids, sigmas)
+    err = None
+    if twin is not None:  # timings of the same work: ours with all reference tokens + KV equals diffusers' loop
+        ours = torch.cat(sample_latents(model, todos[16], txts, side, side, STEPS, ref, ref_ids, kv_cache=True, batch_size=16))
+        theirs = jobs[16, "diffusers_kv"]()
+        err = ((ours - theirs).abs().max() / theirs.abs().max()).item()
+    for fn in jobs.values():  # warm-up, untimed
+        fn()
+    times = {k: [] for k in jobs}
+    order = list(jobs)
+    for r in range(args.rounds):
+        for k in order if r % 2 == 0 else order[::-1]:
+            times[k].append(seconds(jobs[k], device))
+        log(f"  per image: round {r + 1}/{args.rounds} done")
+    per = {k: min(v) / k[0] for k, v in times.items()}
+    rows = [dict(n=n, prompts=p, seeds=s, **{what: per.get((n, what)) for what in ("dense", "sparse_kv", "cached", "diffusers_kv")})
+            for n, (p, s) in PER_IMAGE.items()]  # fmt: skip
+    return rows, err
+
+
+def end_to_end_per_image(rounds, log):
+    """Seconds per image end to end (loading, text, references, denoising, decoding) on the tiny random
+    pipeline of the tests: ours (generate) dense and keep 0.1 + KV, and diffusers' Flux2KleinKVPipeline
+    with num_images_per_prompt, both loading the pipeline from disk. None without diffusers."""
+    try:
+        from diffusers import Flux2KleinKVPipeline, Flux2KleinPipeline
+
+        from test_sparse_sample import make_pipeline_folder, photo
+    except ImportError:
+        return None
+    prompts = [f"a photo of thing {i}" for i in range(4)]
+    refs = [photo(128, 128, seed=k) for k in range(PER_IMAGE_REFS)]
+    with tempfile.TemporaryDirectory() as folder:
+        with silenced():  # diffusers' save progress bars
+            make_pipeline_folder(Path(folder), distilled=True)
+
+        def diffusers_run(n_prompts, n_seeds):  # loading included, as in ours
+            with silenced():  # its loading progress bars
+                pipe = Flux2KleinKVPipeline(**Flux2KleinPipeline.from_pretrained(folder).components)
+            pipe.set_progress_bar_config(disable=True)
+            gens = [torch.Generator().manual_seed(s) for _ in range(n_prompts) for s in range(n_seeds)]
+            return pipe(prompt=prompts[:n_prompts], image=refs, num_images_per_prompt=n_seeds, generator=gens,
+                        num_inference_steps=STEPS, output_type="np")  # fmt: skip
+
+        jobs = {}
+        for n, (n_prompts, n_seeds) in PER_IMAGE.items():
+            run = functools.partial(generate, folder, prompts[:n_prompts], refs, seed=list(range(n_seeds)), batch_size=n,
+                                    progress=False)  # fmt: skip
+            jobs[n, "dense"] = run
+            jobs[n, "sparse_kv"] = functools.partial(run, keep=PER_IMAGE_KEEP, selector="canny", kv_cache=True)
+            jobs[n, "diffusers_kv"] = functools.partial(diffusers_run, n_prompts, n_seeds)
+        for fn in jobs.values():
+            fn()
+        times = {k: [] for k in jobs}
+        for r in range(rounds):
+            for k in jobs:
+                times[k].append(seconds(jobs[k], torch.device("cpu")))
+            log(f"  end to end: round {r + 1}/{rounds} done")
+    per = {k: min(v) / k[0] for k, v in times.items()}
+    return [dict(n=n, prompts=p, seeds=s, **{w: per[n, w] for w in ("dense", "sparse_kv", "diffusers_kv")})
+            for n, (p, s) in PER_IMAGE.items()]  # fmt: skip
+
+
+def per_image_section(rows, err, e2e, args, cfg, device, dtype, command, seconds_taken):
+    side = args.size // 16
+    ms = lambda v: "-" if v is None else f"{v:.3f}"
+    out = [
+        PER_IMAGE_HEADING,
+        "",
+        f"- date: {datetime.datetime.now().isoformat(timespec='seconds')}; machine: {machine(device)}; torch {torch.__version__}; "
+        f"{device.type}, {str(dtype).removeprefix('torch.')}",
+        f"- command: `{command}` ({seconds_taken / 60:.1f} min)",
+        f"- N images = prompts x seeds (1 x 1, 1 x 4, 4 x 4), all N in one batch, {PER_IMAGE_REFS} references, {STEPS} steps; "
+        f"keep {PER_IMAGE_KEEP:g} + KV: {PER_IMAGE_REFS} x {kept(side * side, PER_IMAGE_KEEP)} reference tokens, their K/V "
+        "extracted once per run by one image and shared by all (expanded, not recomputed). Each time is the minimum of "
+        f"{args.rounds} round(s) after a warm-up, divided by N.",
+        "",
+        f"Bench model ({args.config}: hidden {cfg.hidden_size}, {cfg.depth} double + {cfg.depth_single} single blocks, random "
+        f"weights), {args.size}x{args.size} target and references ({side * side} tokens each), {args.text_tokens} text tokens; "
+        "the denoising loop only. diffusers: Flux2Transformer2DModel on the same weights, driven as Flux2KleinKVPipeline "
+        "drives it with num_images_per_prompt (references repeated per image, so step 0 runs them N times; no token "
+        "dropping)" + ("" if err is None else f"; with all reference tokens and the KV cache ours gives the same latents "
+        f"(N = 16, max rel. difference {err:.1e})") + ". Floor: the cached steps alone.",
+        "",
+        "| N | prompts x seeds | ours dense s/image | ours keep 0.1 + KV s/image | floor: 4 cached steps s/image | diffusers KV pipeline loop s/image | dense / (keep 0.1 + KV) | (keep 0.1 + KV) / floor |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        out.append(f"| {r['n']} | {r['prompts']} x {r['seeds']} | {ms(r['dense'])} | {ms(r['sparse_kv'])} | {ms(r['cached'])} "
+                   f"| {ms(r['diffusers_kv'])} | {r['dense'] / r['sparse_kv']:.2f}x | {r['sparse_kv'] / r['cached']:.2f} |")  # fmt: skip
+    if e2e:
+        out += [
+            "",
+            f"End to end on the tiny random pipeline of the tests ({PER_IMAGE_REFS} references of 128x128 px, 128x128 output, "
+            "fp32), everything from loading the pipeline from disk to the decoded images: ours is one `generate()` call "
+            "(text encoding, reference encoding and Canny selection, denoising, decoding, each component loaded and "
+            "freed in turn); diffusers is `from_pretrained` and one Flux2KleinKVPipeline call with num_images_per_prompt. "
+            "At this size loading, the text encoder and the VAE dominate, not the transformer.",
+            "",
+            "| N | prompts x seeds | ours dense s/image | ours keep 0.1 + KV s/image | diffusers Flux2KleinKVPipeline s/image |",
+            "|---|---|---|---|---|",
+            *(f"| {r['n']} | {r['prompts']} x {r['seeds']} | {ms(r['dense'])} | {ms(r['sparse_kv'])} | {ms(r['diffusers_kv'])} |" for r in e2e),
+        ]
+    return "\n".join(out) + "\n"
+
+
+def replace_section(path, section):
+    """path's text with the per-image section replaced (or appended); the rest is kept as it is."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except FileNotFoundError:
+        text = "# Sparse Context benchmark\n"
+    start = text.find(PER_IMAGE_HEADING)
+    if start >= 0:
+        end = text.find("\n## ", start + 1)
+        text = text[:start] + (text[end + 1 :] if end >= 0 else "")
+    return text.rstrip("\n") + "\n\n" + section
 
 
 # ----------------------------------------------------------------------------------------------
 
 
+def check_args(args):
+    """Every option before anything runs; a ValueError names it."""
+    if args.per_image and args.refs is not None:
+        raise ValueError(f"--refs cannot apply with --per-image (always {PER_IMAGE_REFS} references)")
+    for r in args.refs or []:
+        check_number("--refs", r, 1, 64, integer=True)
+    check_number("--rounds", args.rounds, 1, 100, integer=True)
+    check_number("--threads", args.threads, 1, 1024, integer=True)
+    check_number("--size", args.size, 16, 4096, integer=True)
+    if args.size % 16:
+        raise ValueError(f"--size must be a multiple of 16, got {args.size}")
+    check_number("--text-tokens", args.text_tokens, 1, 4096, integer=True)
+    if args.quick and args.config != "bench":
+        raise ValueError("--quick uses its own tiny config: --config cannot apply")
+    device, dtype = resolve_device(args.device, DTYPES[args.dtype] if args.dtype else None)
+    outputs = [args.out_md] + ([] if args.per_image else [args.out_png])
+    for path, ext in zip(outputs, (".md", ".png")):
+        if not path.endswith(ext):
+            raise ValueError(f"{path}: expected a {ext} file")
+        check_writable(path)
+    return device, dtype
+
+
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--config", default="bench", choices=["bench", "klein-4b", "klein-9b"],
                    help="model shape: bench = the small CPU config described above; klein-4b/9b = the real shapes")
-    p.add_argument("--size", type=int, default=512, help="target and reference side in pixels (multiple of 16)")
+    p.add_argument("--size", type=int, default=None, help="target and reference side in pixels, a multiple of 16 (None: 512; 256 with --per-image)")
     p.add_argument("--text-tokens", type=int, default=512, help="text sequence length (klein pads to 512)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: fp32 on CPU, bf16 on CUDA")
-    p.add_argument("--refs", type=int, nargs="+", default=list(REFS), help="numbers of references to time")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="None: fp32 on CPU, bf16 on CUDA")
+    p.add_argument("--refs", type=int, nargs="+", default=None, help=f"numbers of references to time (None: {' '.join(map(str, REFS))})")
     p.add_argument("--rounds", type=int, default=3, help="timed rounds per point (after one warm-up round)")
     p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="CPU threads for torch")
-    p.add_argument("--no-diffusers", action="store_true", help="skip the comparison with diffusers' transformer")
+    p.add_argument("--no-diffusers", action="store_true", help="skip the comparison with diffusers")
+    p.add_argument("--per-image", action="store_true",
+                   help="time many images per reference set instead (N = 1, 4, 16; dense vs keep 0.1 + KV vs diffusers' KV "
+                        "pipeline, bench model and end to end) and write that section into --out-md")  # fmt: skip
     p.add_argument("--quick", action="store_true", help="tiny model and images, 1 round, 1 thread: a smoke test")
-    p.add_argument("--out-md", default="BENCHMARKS.md", help="markdown report")
-    p.add_argument("--out-png", default="benchmarks.png", help="speedup plot")  # fmt: skip
+    p.add_argument("--out-md", default=None, help="markdown report (None: BENCHMARKS.md; bench-quick/BENCHMARKS.md with --quick)")
+    p.add_argument("--out-png", default=None, help="speedup plot (None: benchmarks.png; bench-quick/benchmarks.png with --quick)")
     args = p.parse_args(argv)
-    if args.quick and args.config != "bench":
-        p.error("--quick uses its own tiny config")
     if args.quick:  # tiny ops gain nothing from threads, which only wait on a busy machine
         args.size, args.text_tokens, args.rounds, args.threads = 64, 8, 1, 1
-    if args.size % 16:
-        p.error("--size must be a multiple of 16")
-    device = torch.device(args.device)
-    dtype = DTYPES[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
+    if args.size is None:
+        args.size = 256 if args.per_image else 512
+    folder = "bench-quick" if args.quick else ""  # a smoke run never overwrites the committed report
+    args.out_md = args.out_md or os.path.join(folder, "BENCHMARKS.md")
+    args.out_png = args.out_png or os.path.join(folder, "benchmarks.png")
+    try:
+        device, dtype = check_args(args)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    args.refs = args.refs or list(REFS)
     torch.set_num_threads(args.threads)
     command = shlex.join(["python", "bench.py", *(sys.argv[1:] if argv is None else argv)])
     log = lambda msg: print(msg, flush=True)
@@ -445,12 +666,20 @@ def main(argv=None):
         log("could not tune glibc malloc: large tensors will be page-faulted in afresh")
 
     cfg = bench_config(args.quick) if args.config == "bench" else Flux2Config.from_name(args.config)
-    load = [os.getloadavg()[0]]
+    start, load = time.perf_counter(), [os.getloadavg()[0]]
     model = build_model(cfg, device, dtype)
     twin = None if args.no_diffusers else build_diffusers(model)
     if twin is None and not args.no_diffusers:
         log("diffusers not importable: no comparison")
     log(f"{machine(device)}, torch {torch.__version__}, {args.config} {args.size}px, {dtype}")
+    if args.per_image:
+        rows, err = bench_per_image(model, twin and set_kv_processors(twin), args, device, dtype, log)
+        e2e = None if args.no_diffusers or args.quick else end_to_end_per_image(args.rounds, log)
+        section = per_image_section(rows, err, e2e, args, cfg, device, dtype, command, time.perf_counter() - start)
+        write_text_atomic(args.out_md, replace_section(args.out_md, section))
+        log(section)
+        log(f"wrote {args.out_md}")
+        return
     log(HEADER)
     rows, dense = [], []
     for n_refs in args.refs:

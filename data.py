@@ -13,12 +13,10 @@ transformer (a 4B text encoder and the VAE never sit next to it):
     python data.py data/train.jsonl --model black-forest-labs/FLUX.2-klein-base-4B --out cache/
 """
 
-import argparse
 import hashlib
 import json
 import os
 import sys
-import tempfile
 from dataclasses import dataclass
 
 import torch
@@ -27,9 +25,11 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
+from model import ArgumentParser, check_file, field, read_json, remove_stale_temps, write_atomic
 from sample import load_image, prepare_reference, to_tensor
 
 TASKS = ("edit", "subject")
+MIN_AREA, MAX_AREA = 64 * 64, 8192 * 8192  # klein's smallest reference side is 64 px
 FIELDS = {"prompt": str, "target": str, "references": list, "task": str}
 
 
@@ -48,8 +48,10 @@ class ManifestError(ValueError):
 
 def check_image(path):
     """None if PIL can read the image's header and klein accepts its size, else the problem."""
-    if not os.path.isfile(path):
+    if not os.path.exists(path):
         return f"image not found: {path}"
+    if not os.path.isfile(path):  # a folder, FIFO or device: opening a FIFO would block
+        return f"not a regular image file: {path}"
     try:
         with Image.open(path) as im:
             w, h = im.size
@@ -95,19 +97,22 @@ def read_manifest(path, skip_bad=False):
     Bad lines raise one ManifestError naming each line and its problem; skip_bad=True skips them
     instead and reports how many on stderr. Blank lines are ignored.
     """
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"no such manifest: {path}")
+    check_file(path, "manifest")
     folder = os.path.dirname(os.path.abspath(path))
     examples, errors = [], []
-    with open(path, encoding="utf-8") as f:
-        for line, text in enumerate(f, start=1):
-            if not text.strip():
-                continue
-            fields, problem = parse_line(text, folder)
-            if problem:
-                errors.append(f"{path} line {line}: {problem}")
-            else:
-                examples.append(Example(line=line, **fields))
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.readlines()
+    except UnicodeDecodeError as e:
+        raise ManifestError(f"{path} is not UTF-8 text (byte {e.start})") from None
+    for line, text in enumerate(lines, start=1):
+        if not text.strip():
+            continue
+        fields, problem = parse_line(text, folder)
+        if problem:
+            errors.append(f"{path} line {line}: {problem}")
+        else:
+            examples.append(Example(line=line, **fields))
     if errors and not skip_bad:
         head = [] if len(errors) == 1 else [f"{len(errors)} bad lines in {path} (--skip-bad skips them):"]
         raise ManifestError("\n".join(head + errors))
@@ -122,38 +127,38 @@ def read_manifest(path, skip_bad=False):
 # Cache
 
 
-def write_atomic(path, write):
-    """write(tmp) to a temporary file next to path, then rename: readers never see half a file."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
 def text_file(prompt):
     return f"text/{hashlib.sha1(prompt.encode()).hexdigest()}.safetensors"
 
 
+def header(path):
+    """{tensor name: shape} of a safetensors file, its metadata: the header only; a damaged file is one
+    ValueError naming it (safetensors checks the header against the file's length)."""
+    check_file(path, "cache file")
+    try:
+        with safe_open(path, framework="pt") as f:
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}, f.metadata() or {}
+    except Exception as e:
+        raise ValueError(f"cannot read cache file {path}: {e}") from None
+
+
 def cached_source(path):
-    """The `source` metadata of a cached latents file, or None if there is none yet."""
-    if not os.path.isfile(path):
+    """The `source` metadata of a cached latents file, or None if there is none (yet, or readable)."""
+    try:
+        return header(path)[1].get("source")
+    except (ValueError, FileNotFoundError):
         return None
-    with safe_open(path, framework="pt") as f:
-        return (f.metadata() or {}).get("source")
 
 
-def grids(path):
-    """Token grids (h, w) of a latents file: the target's, then each reference's."""
-    with safe_open(path, framework="pt") as f:
-        shapes = {k: f.get_slice(k).get_shape()[1:] for k in f.keys()}
+def grids(shapes):
+    """Token grids [h, w] of a latents file's {name: (C, h, w)}: the target's, then each reference's."""
     refs = sorted((k for k in shapes if k.startswith("ref.")), key=lambda k: int(k.split(".")[1]))
-    return shapes["target"], [shapes[k] for k in refs]
+    return list(shapes["target"][1:]), [list(shapes[k][1:]) for k in refs]
+
+
+def check_out_dir(out_dir, flag="--out"):
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise ValueError(f"{flag} {out_dir} is a file, not a folder")
 
 
 @torch.no_grad()
@@ -163,10 +168,14 @@ def cache_dataset(manifest, vae, text_encoder, out_dir, max_area=1024 * 1024, sk
     Images are prepared like klein's references (sample.prepare_reference: at most max_area pixels,
     center-cropped to multiples of 16), targets too, so an edit stays pixel-aligned with its source.
     Resumable: an example whose latents file exists for the same images and max_area is skipped, and
-    so is a prompt already encoded; every file is written atomically; index.json comes last.
+    so is a prompt already encoded; every file is written atomically, index.json last, so a run
+    killed at any instant and run again ends with the same files as an uninterrupted one.
     """
+    check_out_dir(out_dir)
     examples = read_manifest(manifest, skip_bad)
-    index, skipped = [], 0
+    for folder in (out_dir, os.path.join(out_dir, "latents"), os.path.join(out_dir, "text")):
+        remove_stale_temps(folder)
+    index, skipped, encoded, prompts = [], 0, 0, set()
     for ex in tqdm(examples, desc="caching", disable=not progress):
         latents = f"latents/{ex.line:08d}.safetensors"
         source = json.dumps(dict(target=ex.target, references=ex.references, max_area=max_area))
@@ -181,45 +190,109 @@ def cache_dataset(manifest, vae, text_encoder, out_dir, max_area=1024 * 1024, sk
                 continue
             names = ["target"] + [f"ref.{k}" for k in range(len(ex.references))]
             z = {n: vae.encode(to_tensor(im))[0].cpu().contiguous() for n, im in zip(names, images)}  # (128, h, w)
+            if not all(torch.isfinite(v).all() for v in z.values()):
+                raise ValueError(f"{manifest} line {ex.line}: the VAE gave non-finite latents (check the VAE weights)")
             write_atomic(path, lambda tmp: save_file(z, tmp, metadata={"source": source}))
+            encoded += 1
         text = text_file(ex.prompt)
+        prompts.add(text)
         if not os.path.isfile(os.path.join(out_dir, text)):
             txt = text_encoder.encode([ex.prompt])[0].cpu().contiguous()  # (512, 3 * hidden)
+            if not torch.isfinite(txt).all():
+                raise ValueError(f"{manifest} line {ex.line}: the text encoder gave non-finite values (check its weights)")
             write_atomic(os.path.join(out_dir, text), lambda tmp: save_file({"txt": txt}, tmp))
-        target, refs = grids(path)
+        target, refs = grids(header(path)[0])
         index.append(dict(latents=latents, text=text, target=target, references=refs, task=ex.task, line=ex.line))
     if skipped:
         print(f"skipped {skipped} example(s) whose images failed to load", file=sys.stderr)
+    if not index:
+        raise ManifestError(f"{manifest}: no example could be cached")
 
     def write_index(tmp):
         with open(tmp, "w") as f:
             json.dump(index, f, indent=1)
 
     write_atomic(os.path.join(out_dir, "index.json"), write_index)
+    if progress:
+        print(f"cached {len(index)} examples in {out_dir}: {encoded} encoded, {len(index) - encoded} already cached, "
+              f"{skipped} skipped; {len(prompts)} distinct prompts")
     return CachedDataset(out_dir)
+
+
+def check_entry(entry, where):
+    """One index.json entry, checked: file names inside the cache, grids of positive ints, a known task."""
+    if not isinstance(entry, dict):
+        raise ValueError(f"{where} must be a JSON object, got {type(entry).__name__}")
+    for name in ("latents", "text"):
+        p = field(entry, name, where, str)
+        if os.path.isabs(p) or ".." in p.split("/"):
+            raise ValueError(f"{where}: field {name!r} must be a path inside the cache folder, got {p!r}")
+    field(entry, "line", where)
+    if len(field(entry, "target", where, list)) != 2:
+        raise ValueError(f"{where}: field 'target' must be a token grid [h, w]")
+    refs = entry.get("references")
+    if not isinstance(refs, list) or not refs or not all(isinstance(r, list) and len(r) == 2 for r in refs):
+        raise ValueError(f"{where}: field 'references' must be a non-empty list of token grids [h, w]")
+    for r in refs:
+        field({"references": r}, "references", where, list)  # positive ints
+    if field(entry, "task", where, str) not in TASKS:
+        raise ValueError(f"{where}: field 'task' must be one of {', '.join(TASKS)}, got {entry['task']!r}")
+    return entry
 
 
 class CachedDataset:
     """The examples of a cache folder; item i is a dict of CPU tensors:
-    target (C, h, w), refs [(C, h_k, w_k), ...], txt (L, J), and task."""
+    target (C, h, w), refs [(C, h_k, w_k), ...], txt (L, J), and task.
+
+    Opening checks index.json and the header of every file it names (shapes agree with the index and
+    with each other), so a damaged cache fails here, before anything is trained or written."""
 
     def __init__(self, folder):
         path = os.path.join(folder, "index.json")
-        if not os.path.isfile(path):
+        if not os.path.isdir(folder):
+            raise FileNotFoundError(f"no such cache folder: {folder}")
+        if not os.path.exists(path):
             raise FileNotFoundError(f"{folder} is not a latent cache (no index.json); cache a manifest first")
         self.folder = folder
-        with open(path) as f:
-            self.index = json.load(f)
+        self.index = [check_entry(e, f"{path} entry {i}") for i, e in enumerate(read_json(path, list))]
+        if not self.index:
+            raise ValueError(f"{path} lists no examples")
+        dims = set()
+        for i, entry in enumerate(self.index):
+            latents, text = (os.path.join(folder, entry[k]) for k in ("latents", "text"))
+            shapes, _ = header(latents)
+            want = {"target": entry["target"], **{f"ref.{k}": g for k, g in enumerate(entry["references"])}}
+            if set(shapes) != set(want) or any(len(s) != 3 or list(s[1:]) != want[k] for k, s in shapes.items()):
+                raise ValueError(f"{latents} does not match {path} entry {i}: tensors {shapes}, the index says grids {want}")
+            txt = header(text)[0]
+            if list(txt) != ["txt"] or len(txt["txt"]) != 2:
+                raise ValueError(f"{text} must hold one tensor txt (L, J), got {txt}")
+            channels = {s[0] for s in shapes.values()}
+            dims.add((channels.pop() if len(channels) == 1 else None, txt["txt"][1]))
+        if len(dims) != 1 or None in next(iter(dims)):
+            raise ValueError(f"the files of {folder} disagree in latent channels or text width: {dims}")
+        self.channels, self.text_dim = next(iter(dims))
 
     def __len__(self):
         return len(self.index)
 
     def __getitem__(self, i):
         entry = self.index[i]
-        z = load_file(os.path.join(self.folder, entry["latents"]))
+        z, txt = (self.load(entry[k]) for k in ("latents", "text"))
         refs = [z[f"ref.{k}"] for k in range(len(entry["references"]))]
-        txt = load_file(os.path.join(self.folder, entry["text"]))["txt"]
-        return dict(target=z["target"], refs=refs, txt=txt, task=entry["task"])
+        return dict(target=z["target"], refs=refs, txt=txt["txt"], task=entry["task"])
+
+    def load(self, name):
+        path = os.path.join(self.folder, name)
+        try:
+            tensors = load_file(check_file(path, "cache file"))
+        except (ValueError, FileNotFoundError):
+            raise
+        except Exception as e:
+            raise ValueError(f"cannot read cache file {path}: {e}") from None
+        if not all(t.is_floating_point() and torch.isfinite(t).all() for t in tensors.values()):
+            raise ValueError(f"cache file {path} holds non-finite or non-float values")
+        return tensors
 
     def buckets(self):
         """{(h, w) target token grid: [example indices]}: examples of one bucket stack into a batch."""
@@ -229,8 +302,27 @@ class CachedDataset:
         return out
 
 
+def parse_device(name):
+    """torch.device of --device, if this machine has it: one error otherwise, not a traceback later."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device: unknown device {name!r}; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not (torch.cuda.is_available() and (device.index or 0) < torch.cuda.device_count()):
+        raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {name}: only cpu and cuda are supported")
+    return device
+
+
+def check_max_area(max_area):
+    if not MIN_AREA <= max_area <= MAX_AREA:
+        raise ValueError(f"--max-area must be in [{MIN_AREA}, {MAX_AREA}] pixels (64x64 to 8192x8192), got {max_area}")
+    return max_area
+
+
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Encode a training manifest into a latent cache (VAE latents + text context).")
+    p = ArgumentParser(description="Encode a training manifest into a latent cache (VAE latents + text context).")
     p.add_argument("manifest", help="JSONL manifest: prompt, target, references, task per line")
     p.add_argument("--model", required=True, help="klein repository folder or hub id with vae/, text_encoder/, tokenizer/")
     p.add_argument("--out", required=True, help="cache folder (created; an existing one is resumed)")
@@ -239,8 +331,9 @@ def main(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="device for the encoders")
     args = p.parse_args(argv)
     try:
-        encode_manifest(args.manifest, args.model, args.out, args.max_area, args.skip_bad, torch.device(args.device))
-    except (ValueError, FileNotFoundError) as e:
+        check_max_area(args.max_area)
+        encode_manifest(args.manifest, args.model, args.out, args.max_area, args.skip_bad, parse_device(args.device))
+    except (ValueError, OSError) as e:
         sys.exit(f"error: {e}")
 
 
@@ -249,6 +342,7 @@ def encode_manifest(manifest, model, out_dir, max_area, skip_bad, device):
     from text_encoder import TextEncoder
     from vae import AutoEncoder
 
+    check_out_dir(out_dir)
     if not skip_bad:
         read_manifest(manifest)  # bad input fails before any model loads
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32

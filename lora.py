@@ -16,16 +16,15 @@ such a file as alpha == r, so every loader gets the right scale.
 
 import json
 import os
-import tempfile
 from fnmatch import fnmatchcase
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save
 
-from model import SWAPPED, diffusers_names, swap_halves
+from model import SWAPPED, check_file, diffusers_names, field, swap_halves, write_atomic
 
 # diffusers' klein trainer targets to_q/to_k/to_v, to_out.0, to_qkv_mlp_proj and the single blocks'
 # attn.to_out; these are the same layers under our (BFL) names.
@@ -151,19 +150,27 @@ def to_diffusers(model):
     return sd
 
 
+def lora_file(model):
+    """The bytes of the model's LoRA as a diffusers-format safetensors file (the same bytes for the same LoRA).
+    A non-finite value is an error: such a file would draw black images."""
+    sd = {k: v.cpu() for k, v in to_diffusers(model).items()}
+    bad = [k for k, v in sd.items() if not torch.isfinite(v).all()]
+    if bad:
+        raise ValueError(f"the LoRA has non-finite values ({len(bad)} tensors, e.g. {bad[0]})")
+    return save(sd, metadata={"format": "pt"})
+
+
+def write_bytes(path, blob):
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            f.write(blob)
+
+    write_atomic(path, write)
+
+
 def save_lora(model, path):
     """Write the model's LoRA to a diffusers-format safetensors file, atomically."""
-    sd = {k: v.cpu() for k, v in to_diffusers(model).items()}
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(sd, tmp, metadata={"format": "pt"})
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    write_bytes(path, lora_file(model))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -174,8 +181,9 @@ def read_lora(path):
     """(state dict, safetensors metadata) of a LoRA file, or of DIR/pytorch_lora_weights.safetensors."""
     if os.path.isdir(path):
         path = os.path.join(path, "pytorch_lora_weights.safetensors")
-    if not os.path.isfile(path):
+    if not os.path.exists(path):
         raise FileNotFoundError(f"no such LoRA file: {path}")
+    check_file(path, "LoRA file")
     try:
         with safe_open(path, framework="pt") as f:
             return {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}
@@ -188,10 +196,17 @@ def peft_alpha(metadata):
     raw = metadata.get("lora_adapter_metadata")
     if not raw:
         return None, False
-    cfg = {k.removeprefix("transformer."): v for k, v in json.loads(raw).items()}
+    where = "LoRA metadata 'lora_adapter_metadata'"
+    try:
+        cfg = json.loads(raw)
+    except (TypeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{where} is not valid JSON: {e}") from None
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{where} must be a JSON object, got {type(cfg).__name__}")
+    cfg = {k.removeprefix("transformer."): v for k, v in cfg.items()}
     if cfg.get("rank_pattern") or cfg.get("alpha_pattern"):
         raise ValueError("LoRA adapter configs with rank_pattern or alpha_pattern are not supported")
-    return cfg.get("lora_alpha"), bool(cfg.get("use_rslora"))
+    return field(cfg, "lora_alpha", where, float, default=None), field(cfg, "use_rslora", where, bool, default=False)
 
 
 # key suffix -> part of a pair; down/up is the kohya (and some ai-toolkit) spelling of A/B
@@ -243,9 +258,12 @@ def lora_deltas(model, sd, metadata=None):
         a, b = entry["A"].float(), entry["B"].float()
         weight = model.get_submodule(name).weight
         rows = weight.shape[0] // n if chunk is not None else weight.shape[0]
-        if a.ndim != 2 or b.ndim != 2 or a.shape[1] != weight.shape[1] or b.shape != (rows, a.shape[0]):
+        if a.ndim != 2 or b.ndim != 2 or not a.shape[0] or a.shape[1] != weight.shape[1] or b.shape != (rows, a.shape[0]):
             fit = f"({rows}, {weight.shape[1]})"
             problems.append(f"{module}: lora_A {tuple(a.shape)}, lora_B {tuple(b.shape)} do not fit a {fit} weight")
+            continue
+        if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+            problems.append(f"{module}: non-finite values")
             continue
         chunks = set(range(n)) if chunk is None else {chunk}
         if taken.get(name, set()) & chunks:
@@ -253,7 +271,13 @@ def lora_deltas(model, sd, metadata=None):
             continue
         taken[name] = taken.get(name, set()) | chunks
         r = a.shape[0]
-        alpha = entry["alpha"].item() if "alpha" in entry else file_alpha if file_alpha is not None else r
+        if "alpha" in entry:
+            if entry["alpha"].numel() != 1 or not torch.isfinite(entry["alpha"].float()).all():
+                problems.append(f"{module}: alpha must be one finite number")
+                continue
+            alpha = entry["alpha"].float().item()
+        else:
+            alpha = file_alpha if file_alpha is not None else r
         b = b * alpha / (r**0.5 if rslora else r)
         if module == "norm_out.linear":
             b = swap_halves(b)

@@ -12,10 +12,14 @@ Two ways references can attend (see `attention`):
 Parameter names follow BFL's single-file checkpoints; diffusers folders are converted on load.
 """
 
+import argparse
 import json
 import math
 import os
 import re
+import signal
+import stat
+import tempfile
 from dataclasses import dataclass
 
 import torch
@@ -452,45 +456,62 @@ def diffusers_to_bfl(sd, cfg):
     return out
 
 
-def config_from_diffusers(c):
-    return Flux2Config(
-        in_channels=c.get("in_channels", 128),
-        hidden_size=c["num_attention_heads"] * c["attention_head_dim"],
-        num_heads=c["num_attention_heads"],
-        depth=c["num_layers"],
-        depth_single=c["num_single_layers"],
-        context_dim=c["joint_attention_dim"],
-        mlp_ratio=c.get("mlp_ratio", 3.0),
-        axes_dim=tuple(c.get("axes_dims_rope", (32, 32, 32, 32))),
-        theta=c.get("rope_theta", 2000),
-        time_dim=c.get("timestep_guidance_channels", 256),
-        eps=c.get("eps", 1e-6),
+def config_from_diffusers(c, path="config.json"):
+    """Flux2Config of a diffusers transformer config.json (the dict c, read from path)."""
+    heads = field(c, "num_attention_heads", path)
+    cfg = Flux2Config(
+        in_channels=field(c, "in_channels", path, default=128),
+        hidden_size=heads * field(c, "attention_head_dim", path),
+        num_heads=heads,
+        depth=field(c, "num_layers", path),
+        depth_single=field(c, "num_single_layers", path),
+        context_dim=field(c, "joint_attention_dim", path),
+        mlp_ratio=field(c, "mlp_ratio", path, float, default=3.0),
+        axes_dim=field(c, "axes_dims_rope", path, list, default=(32, 32, 32, 32)),
+        theta=field(c, "rope_theta", path, float, default=2000),
+        time_dim=field(c, "timestep_guidance_channels", path, default=256),
+        eps=field(c, "eps", path, float, default=1e-6),
     )
+    return check_config(cfg, f"{path}: field 'axes_dims_rope'")
 
 
-def config_from_bfl(sd):
+def config_from_bfl(sd, path="checkpoint"):
     """Infer the config of a BFL checkpoint from its tensor shapes."""
-    D, C = sd["img_in.weight"].shape
-    head_dim = sd["double_blocks.0.img_attn.norm.query_norm.scale"].shape[0]
-    count = lambda p: len({k.split(".")[1] for k in sd if k.startswith(p)})
-    axis = head_dim // 4
-    return Flux2Config(
-        in_channels=C,
-        hidden_size=D,
-        num_heads=D // head_dim,
-        depth=count("double_blocks."),
-        depth_single=count("single_blocks."),
-        context_dim=sd["txt_in.weight"].shape[1],
-        mlp_ratio=sd["double_blocks.0.img_mlp.2.weight"].shape[1] / D,
-        axes_dim=(axis,) * 4,
-        time_dim=sd["time_in.in_layer.weight"].shape[1],
-    )
+    try:
+        D, C = sd["img_in.weight"].shape
+        head_dim = sd["double_blocks.0.img_attn.norm.query_norm.scale"].shape[0]
+        count = lambda p: len({k.split(".")[1] for k in sd if k.startswith(p)})
+        axis = head_dim // 4
+        cfg = Flux2Config(
+            in_channels=C,
+            hidden_size=D,
+            num_heads=D // head_dim,
+            depth=count("double_blocks."),
+            depth_single=count("single_blocks."),
+            context_dim=sd["txt_in.weight"].shape[1],
+            mlp_ratio=sd["double_blocks.0.img_mlp.2.weight"].shape[1] / D,
+            axes_dim=(axis,) * 4,
+            time_dim=sd["time_in.in_layer.weight"].shape[1],
+        )
+    except (KeyError, ValueError, IndexError, ZeroDivisionError) as e:
+        raise ValueError(f"{path} is not a FLUX.2 transformer checkpoint: {type(e).__name__} {e}") from None
+    if D % head_dim:
+        raise ValueError(f"{path}: hidden size {D} is no multiple of the head dim {head_dim}")
+    return check_config(cfg, f"{path}: the RoPE axes")
+
+
+def check_config(cfg, where):
+    """cfg, if its RoPE axes are even and sum to head_dim (each rotates pairs of one head's channels)."""
+    if sum(cfg.axes_dim) != cfg.head_dim or any(d % 2 for d in cfg.axes_dim):
+        raise ValueError(f"{where} {list(cfg.axes_dim)} must be even and sum to the head dim {cfg.head_dim}")
+    return cfg
 
 
 def read_safetensors(paths):
     """Memory-mapped tensors of one or more safetensors files (no copy until used)."""
     sd = {}
     for p in paths:
+        check_file(p, "safetensors file")
         try:
             with safe_open(p, framework="pt") as f:
                 for k in f.keys():
@@ -502,10 +523,12 @@ def read_safetensors(paths):
 
 def diffusers_weight_files(folder, stem):
     index = os.path.join(folder, f"{stem}.safetensors.index.json")
-    if os.path.isfile(index):
-        with open(index) as f:
-            files = [os.path.join(folder, n) for n in sorted(set(json.load(f)["weight_map"].values()))]
-        missing = [p for p in files if not os.path.isfile(p)]
+    if os.path.exists(index):
+        shards = field(read_json(index), "weight_map", index, dict).values()
+        if not shards or not all(isinstance(n, str) and n == os.path.basename(n) not in ("", ".", "..") for n in shards):
+            raise ValueError(f"{index}: field 'weight_map' must map tensor names to shard file names in {folder}")
+        files = [os.path.join(folder, n) for n in sorted(set(shards))]
+        missing = [p for p in files if not os.path.exists(p)]
         if missing:
             raise FileNotFoundError(f"{index} lists shards that are not there: {missing}")
         return files
@@ -541,12 +564,13 @@ def load_checkpoint(source):
         sd = {k.removeprefix("model.diffusion_model."): v for k, v in sd.items()}
         if "img_in.weight" not in sd:
             raise ValueError(f"{path} is not a FLUX.2 transformer checkpoint (no img_in.weight)")
-        return config_from_bfl(sd), sd
+        return config_from_bfl(sd, path), sd
+    if not os.path.isdir(path):
+        check_file(path, "transformer checkpoint")  # a FIFO or device: refused before it is opened
     cfg_path = os.path.join(path, "config.json")
-    if not os.path.isfile(cfg_path):
+    if not os.path.exists(cfg_path):
         raise FileNotFoundError(f"no config.json in {path}: expected a diffusers transformer folder")
-    with open(cfg_path) as f:
-        cfg = config_from_diffusers(json.load(f))
+    cfg = config_from_diffusers(read_json(cfg_path), cfg_path)
     sd = read_safetensors(diffusers_weight_files(path, "diffusion_pytorch_model"))
     return cfg, diffusers_to_bfl(sd, cfg)
 
@@ -560,9 +584,138 @@ def load_into(model, sd, dtype=None, device=None, file_name=None):
     missing = sorted(name(k) for k in set(expected) - set(sd))
     unexpected = sorted(name(k) for k in set(sd) - set(expected))
     shapes = sorted(f"{name(k)}: {tuple(sd[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items() if k in sd and sd[k].shape != v.shape)
-    if missing or unexpected or shapes:
-        parts = [f"{n}: {', '.join(v)}" for n, v in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", shapes)) if v]
+    kinds = sorted(f"{name(k)}: {sd[k].dtype}" for k, v in expected.items() if k in sd and sd[k].is_floating_point() != v.is_floating_point())
+    if missing or unexpected or shapes or kinds:
+        problems = (("missing", missing), ("unexpected", unexpected), ("mis-shaped", shapes), ("of the wrong dtype", kinds))
+        parts = [f"{n}: {', '.join(v[:8])}" + (f" ({len(v)} in all)" if len(v) > 8 else "") for n, v in problems if v]
         raise ValueError(f"checkpoint does not match {type(model).__name__}: " + "; ".join(parts))
     sd = {k: v.to(device=device, dtype=dtype if dtype is not None and v.is_floating_point() else v.dtype) for k, v in sd.items()}
     model.load_state_dict(sd, assign=True)
     return model
+
+
+# ----------------------------------------------------------------------------------------------
+# Files and command lines, shared by every script: each config, index and checkpoint is read through
+# check_file / read_json / field, so a bad one is one error naming the file and the field; every output
+# is written with write_atomic.
+
+REQUIRED = object()
+KINDS = {int: "an integer", float: "a finite number", bool: "true or false", str: "a string", dict: "an object",
+         list: "a non-empty list of integers"}  # fmt: skip
+
+
+def check_file(path, what="file"):
+    """path, if it is a regular file. Checked with stat before anything opens it: a FIFO would block
+    forever, a device could be endless. Missing: FileNotFoundError; anything else: ValueError."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{what} not found: {path}") from None
+    except OSError as e:
+        raise ValueError(f"cannot read {what} {path}: {e.strerror}") from None
+    if stat.S_ISDIR(mode):
+        raise ValueError(f"{what} {path} is a folder, not a file")
+    if not stat.S_ISREG(mode):
+        raise ValueError(f"{what} {path} is not a regular file (a FIFO, device or socket)")
+    return path
+
+
+def read_json(path, kind=dict):
+    """The JSON object (kind=dict) or array (kind=list) in a file; anything else is one ValueError naming it."""
+    check_file(path, "JSON file")
+    try:
+        with open(path, encoding="utf-8") as f:
+            value = json.load(f)
+    except UnicodeDecodeError:
+        raise ValueError(f"{path} is not UTF-8 text") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON: {e.msg} (line {e.lineno}, column {e.colno})") from None
+    if not isinstance(value, kind):
+        raise ValueError(f"{path} must hold a JSON {'object' if kind is dict else 'array'}, not {type(value).__name__}")
+    return value
+
+
+def field(raw, name, where, kind=int, default=REQUIRED, positive=True):
+    """raw[name] checked, `where` naming the file: kind int (not a bool), float (finite; an int will do),
+    bool, str, dict, or list (non-empty, of ints, returned as a tuple); numbers and list items > 0 if
+    positive. Missing or null: the default, or an error without one."""
+    value = raw.get(name)
+    if value is None:
+        if default is REQUIRED:
+            raise ValueError(f"{where}: missing field {name!r}")
+        return default
+    items = list(value) if kind is list and isinstance(value, (list, tuple)) and value else [value]
+    item_kind = int if kind is list else kind
+    ok = kind is not list or isinstance(value, (list, tuple))
+    for v in items:
+        if item_kind in (int, float):
+            ok &= isinstance(v, (int, float) if item_kind is float else int) and not isinstance(v, bool)
+            ok = ok and math.isfinite(v) and (v > 0 or not positive)
+        else:
+            ok &= isinstance(v, item_kind)
+    if not ok:
+        sign = " > 0" if positive and item_kind in (int, float) else ""
+        shown = repr(value) if len(repr(value)) < 60 else repr(value)[:57] + "..."
+        raise ValueError(f"{where}: field {name!r} must be {KINDS[kind]}{sign}, got {shown}")
+    return tuple(value) if kind is list else value
+
+
+def umask():
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def write_atomic(path, write):
+    """write(tmp) to a temporary file next to path, then rename it over path: a reader, or a process killed
+    at any instant, sees the old file or the new one, never half of one. The file gets the mode any new
+    file gets (0666 less the umask; mkstemp would leave 0600). A kill leaves at most a stale
+    `.NAME.*.tmp`, which remove_stale_temps deletes."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.chmod(tmp, 0o666 & ~umask())
+        fault_point("written")
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    fault_point("renamed")
+
+
+STALE_TEMP = re.compile(r"\..+\.[a-z0-9_]{8}\.tmp")  # write_atomic's temporary names
+
+
+def remove_stale_temps(folder):
+    """Delete the temporary files write_atomic leaves in folder when its process is killed mid-write."""
+    if os.path.isdir(folder):
+        for name in os.listdir(folder):
+            if STALE_TEMP.fullmatch(name) and os.path.isfile(os.path.join(folder, name)):
+                os.remove(os.path.join(folder, name))
+
+
+_fault_hits = {}
+
+
+def fault_point(stage):
+    """Test hook: SPARSE_CONTEXT_KILL_AT=STAGE:N SIGKILLs this process the N-th time it reaches STAGE
+    (written: a temporary file is complete; renamed: it replaced its target; appended: a log line)."""
+    at = os.environ.get("SPARSE_CONTEXT_KILL_AT", "")
+    if at.rpartition(":")[0] == stage:
+        _fault_hits[stage] = _fault_hits.get(stage, 0) + 1
+        if _fault_hits[stage] == int(at.rpartition(":")[2]):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse that shows every default and reports a bad option as one line, `error: ...`, exit status 2."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**{"formatter_class": argparse.ArgumentDefaultsHelpFormatter} | kwargs)
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see --help)\n")

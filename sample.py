@@ -1,20 +1,24 @@
-"""Sample FLUX.2 [klein] with (sparse) reference images.
+r"""Sample FLUX.2 [klein] with (sparse) reference images, one image or many.
 
     python sample.py --model black-forest-labs/FLUX.2-klein-4B --prompt "a cat in a hat" \
         --ref cat.png --keep 0.1 --task subject --out out.png
+    python sample.py --model black-forest-labs/FLUX.2-klein-9b-kv --ref cat.png --keep 0.1 --kv-cache \
+        --prompt "a cat in a hat" --prompt "a cat on a beach" --seeds 0 1 2 3 --batch-size 4 --out-dir cats/
 
 The pipeline: text encoder -> references (preprocess, VAE-encode, select tokens) -> denoise with
-the transformer -> VAE decode. Each component is loaded, used and freed in turn, so peak memory is
-the largest component, not their sum.
+the transformer -> VAE decode. Each component is loaded once, used for every image and freed, so
+peak memory is the largest component, not their sum. Each distinct prompt is encoded once; the
+references are encoded and selected once, and with --kv-cache their K/V are extracted once and
+shared by every prompt, seed and step.
 """
 
 import argparse
 import gc
 import json
 import math
+import numbers
 import os
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 
@@ -23,10 +27,14 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from model import Flux2, KVCache, resolve_component
+from model import ArgumentParser, Flux2, KVCache, check_file, resolve_component, write_atomic
 from text_encoder import TextEncoder
 from token_selectors import draw_selection, select_reference_tokens
 from vae import AutoEncoder, pack, unpack
+
+MAX_STEPS = 1000  # denoising steps; klein uses 4 (distilled) or 50 (base)
+MAX_SIDE = 4096  # output pixels a side (klein generates up to 4 megapixels)
+MAX_IMAGES = 10000  # images per run
 
 # ----------------------------------------------------------------------------------------------
 # Positions and schedule (pure functions)
@@ -56,36 +64,70 @@ def empirical_mu(seq_len, num_steps):
 
 
 def schedule(num_steps, seq_len):
-    """(num_steps + 1,) float32 sigmas from 1 to 0: linspace(1, 1/N, N), exponentially shifted."""
+    """(num_steps + 1,) float32 sigmas from 1 to 0: linspace(1, 1/N, N), exponentially shifted.
+
+    At most MAX_STEPS steps: far beyond that the fitted shift underflows exp() and sigmas turn NaN.
+    """
+    check_number("--steps", num_steps, 1, MAX_STEPS, integer=True)
     s = np.linspace(1.0, 1.0 / num_steps, num_steps).astype(np.float32)
     e = math.exp(empirical_mu(seq_len, num_steps))
     s = e / (e + (1 / s - 1))  # float32, as diffusers' scheduler computes it
     return torch.cat([torch.from_numpy(s).float(), torch.zeros(1)])
 
 
-def denoise(model, x, img_ids, txt, txt_ids, sigmas, ref=None, ref_ids=None, kv_cache=False,
-            guidance=1.0, neg_txt=None, neg_txt_ids=None, progress=False):  # fmt: skip
+def expand_cache(cache, batch):
+    """A batch-1 KVCache seen as `batch` images' cache: the K/V are expanded views, not copies."""
+    out = KVCache()
+    out.kv = [(k.expand(batch, -1, -1, -1), v.expand(batch, -1, -1, -1)) for k, v in cache.kv]
+    return out
+
+
+def velocity(model, x, img_ids, txt, txt_ids, t, ref, ref_ids, cache):
+    """Target velocity (B, N, C) of B images that share one set of reference tokens ref (1, M, C).
+
+    No cache: every image runs the references (they attend to its text and target). Empty cache:
+    the first image runs them in the KV pattern and fills the cache; the other images, like every
+    later call, attend to the cached K/V and run no reference token.
+    """
+    B = x.shape[0]
+    if cache is None:
+        refs = {} if ref is None else dict(ref=ref.expand(B, -1, -1), ref_ids=ref_ids)
+        return model(x, img_ids, txt, txt_ids, t, **refs)
+    if len(cache) == 0:
+        if ref.shape[0] == B:  # one set of references per image (e.g. an evaluation batch): fill from all
+            return model(x, img_ids, txt, txt_ids, t, ref=ref, ref_ids=ref_ids, kv_cache=cache)
+        v = model(x[:1], img_ids, txt[:1], txt_ids, t[:1], ref=ref, ref_ids=ref_ids, kv_cache=cache)
+        if B == 1:
+            return v
+        return torch.cat([v, velocity(model, x[1:], img_ids, txt[1:], txt_ids, t[1:], None, None, cache)])
+    return model(x, img_ids, txt, txt_ids, t, kv_cache=expand_cache(cache, B))
+
+
+def denoise(model, x, img_ids, txt, txt_ids, sigmas, ref=None, ref_ids=None, kv_cache=None,
+            guidance=1.0, neg_txt=None, progress=False):  # fmt: skip
     """Flow-matching Euler from noise x (B, N, C) at sigmas[0] to sigmas[-1]; returns x.
 
+    txt (B, L, J): each image's prompt; ref (1, M, C), ref_ids (M, 4): references all images share.
     With guidance > 1 (base checkpoints) the velocity is v_u + g (v_c - v_u) from a second pass on
-    neg_txt. kv_cache=True: step 0 computes the references in the KV pattern and caches their K/V;
-    later steps reuse them. References never see text in that pattern, so both CFG passes share it.
+    neg_txt (1, L, J). kv_cache: None, or a KVCache: empty, it is filled at the first step from one
+    image; filled, it is reused as it is. In the KV pattern references see neither text nor target,
+    so one extraction is exact for both CFG passes, every prompt, every seed and every later call.
+    progress: False or a progress-bar label.
     """
-    cache = KVCache() if kv_cache and ref is not None else None
+    cache = kv_cache if kv_cache is not None and (ref is not None or len(kv_cache)) else None
     B = x.shape[0]
-    for i in tqdm(range(len(sigmas) - 1), disable=not progress, desc="denoising"):
+    for i in tqdm(range(len(sigmas) - 1), disable=not progress, desc=progress or None):
         t = (sigmas[i] * 1000).expand(B).to(x.dtype) / 1000  # diffusers passes timesteps / 1000
-        refs = dict(ref=ref, ref_ids=ref_ids) if cache is None or len(cache) == 0 else {}
-        v = model(x, img_ids, txt, txt_ids, t, kv_cache=cache, **refs)
+        v = velocity(model, x, img_ids, txt, txt_ids, t, ref, ref_ids, cache)
         if guidance > 1:
-            v_u = model(x, img_ids, neg_txt, neg_txt_ids, t, kv_cache=cache, **refs if cache is None else {})
+            v_u = velocity(model, x, img_ids, neg_txt.expand(B, -1, -1), txt_ids, t, ref, ref_ids, cache)
             v = v_u + guidance * (v - v_u)
         x = (x.float() + (sigmas[i + 1] - sigmas[i]) * v.float()).to(v.dtype)
     return x
 
 
 # ----------------------------------------------------------------------------------------------
-# Reference images
+# Reference images and output files
 
 
 def prepare_reference(image, max_area=1024 * 1024):
@@ -121,35 +163,177 @@ def to_image(x):
 
 
 def load_image(path):
+    check_file(path, "image")
     try:
         with Image.open(path) as im:
             im.load()
             return im
-    except FileNotFoundError:
-        raise FileNotFoundError(f"no such image: {path}") from None
     except Exception as e:
         raise ValueError(f"cannot read image {path}: {e}") from None
 
 
-def save_image_atomic(image, path):
-    """Write to a temporary file next to path, then rename: never a half-written output."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fmt = Image.registered_extensions().get(os.path.splitext(path)[1].lower())
+def load_references(refs):
+    """Paths or PIL images (one path alone is one reference) -> RGB PIL images prepared as klein does."""
+    refs = [refs] if isinstance(refs, (str, os.PathLike, Image.Image)) else list(refs)
+    images = []
+    for r in refs:
+        path = isinstance(r, (str, os.PathLike))
+        try:
+            images.append(prepare_reference(load_image(r) if path else r))
+        except ValueError as e:
+            raise ValueError(f"{r}: {e}" if path and str(r) not in str(e) else str(e)) from None
+    return images
+
+
+def image_format(path):
+    """PIL's format name for path's extension; an unknown extension is a ValueError."""
+    fmt = Image.registered_extensions().get(os.path.splitext(str(path))[1].lower())
     if fmt is None:
         raise ValueError(f"unknown image format for {path}; use .png, .jpg or .webp")
-    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            image.save(f, format=fmt)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    return fmt
+
+
+def check_writable(path, what="output"):
+    """path can be created or replaced: not a folder, and its nearest existing folder is writable."""
+    path = os.path.abspath(path)
+    if os.path.isdir(path):
+        raise ValueError(f"{what} {path} is a folder")
+    folder = os.path.dirname(path)
+    while not os.path.exists(folder):
+        folder = os.path.dirname(folder)
+    if not os.path.isdir(folder) or not os.access(folder, os.W_OK | os.X_OK):
+        raise ValueError(f"cannot write {what} {path}: {folder} is not a writable folder")
+
+
+def check_writable_folder(path, what="--out-dir"):
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(f"{what} {path} exists and is not a folder")
+    check_writable(os.path.join(path, "x"), what)
+
+
+def save_image_atomic(image, path):
+    """Written to a temporary file, then renamed: never a half-written image."""
+    fmt = image_format(path)
+    write_atomic(path, lambda tmp: image.save(tmp, format=fmt))
+
+
+def write_text_atomic(path, text):
+    def write(tmp):
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+
+    write_atomic(path, write)
+
+
+def save_selection_image(images, kept, path):
+    """Each reference with its kept tokens highlighted, side by side in one image."""
+    tiles = [draw_selection(im, idx if idx is not None else torch.arange((im.size[0] // 16) * (im.size[1] // 16)))
+             for im, idx in zip(images, kept)]  # fmt: skip
+    canvas = Image.new("RGB", (sum(t.size[0] for t in tiles), max(t.size[1] for t in tiles)), "white")
+    x = 0
+    for t in tiles:
+        canvas.paste(t, (x, 0))
+        x += t.size[0]
+    save_image_atomic(canvas, path)
 
 
 # ----------------------------------------------------------------------------------------------
-# The whole pipeline
+# Checks: every value before anything loads
+
+
+def check_number(option, value, low=None, high=None, integer=False, low_open=False):
+    """value is a finite number (an integer if asked) in [low, high] ((low, high] if low_open)."""
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+    ok = ok and (not integer or float(value).is_integer())
+    ok = ok and (low is None or (value > low if low_open else value >= low)) and (high is None or value <= high)
+    if not ok:
+        kind = "an integer" if integer else "a finite number"
+        lo = "" if low is None else f"{'>' if low_open else '>='} {low:g}"
+        hi = "" if high is None else f"<= {high:g}"
+        bounds = " and ".join(b for b in (lo, hi) if b)
+        raise ValueError(f"{option} must be {kind}{' ' + bounds if bounds else ''}, got {value!r}")
+    return value
+
+
+def check_sampling(prompts, seeds, n_refs, steps=None, guidance=None, height=None, width=None, keep=1.0,
+                   uniform_mix=0.25, budget="uniform", kv_cache=False, save_selection=None, lora=None,
+                   lora_scale=1.0, batch_size=1):  # fmt: skip
+    """Every value and combination generate() takes; a ValueError names the (command-line) option."""
+    if not prompts or not all(isinstance(p, str) for p in prompts):
+        raise ValueError("give at least one prompt (--prompt or --prompts FILE), each a string")
+    if not seeds:
+        raise ValueError("give at least one seed")
+    for s in seeds:
+        check_number("--seed", s, 0, 2**63 - 1, integer=True)
+    if len(set(seeds)) < len(seeds):
+        raise ValueError(f"--seeds repeats a seed: {list(seeds)}")
+    check_number("number of images (prompts x seeds)", len(prompts) * len(seeds), 1, MAX_IMAGES, integer=True)
+    if steps is not None:
+        check_number("--steps", steps, 1, MAX_STEPS, integer=True)
+    if guidance is not None:
+        check_number("--guidance", guidance, 1)
+    for option, v in (("--height", height), ("--width", width)):
+        if v is not None:
+            check_number(option, v, 16, MAX_SIDE, integer=True)
+    keeps = list(keep) if isinstance(keep, (list, tuple)) else [keep]
+    for k in keeps:
+        check_number("--keep", k, 0, 1, low_open=True)
+    check_number("--uniform-mix", uniform_mix, 0, 1)
+    check_number("--lora-scale", lora_scale)
+    check_number("--batch-size", batch_size, 1, MAX_IMAGES, integer=True)
+    if budget not in ("uniform", "adaptive"):
+        raise ValueError(f"unknown --budget {budget!r}; choose uniform or adaptive")
+    if n_refs == 0:
+        given = [o for o, v in (("--keep", keeps != [1.0]), ("--kv-cache", kv_cache), ("--save-selection", save_selection)) if v]
+        if given:
+            raise ValueError(f"{', '.join(given)} cannot apply without a reference image (--ref)")
+    elif len(keeps) not in (1, n_refs):
+        raise ValueError(f"--keep has {len(keeps)} values for {n_refs} reference images: give one, or one per reference")
+    if budget == "adaptive" and len(keeps) > 1:
+        raise ValueError("--budget adaptive splits one total fraction across references by structure: give one "
+                         "--keep value (or use --budget uniform for per-reference values)")  # fmt: skip
+    if save_selection is not None:
+        image_format(save_selection)
+        check_writable(save_selection, "--save-selection")
+    if lora is not None:
+        check_lora_file(lora)
+
+
+def check_lora_file(path):
+    """The LoRA (a file, or a folder holding pytorch_lora_weights.safetensors) parses and holds only
+    finite values: a NaN LoRA would give a black image."""
+    from lora import read_lora
+
+    sd, _ = read_lora(path)
+    bad = [k for k, v in sd.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise ValueError(f"LoRA file {path}: {len(bad)} tensors hold NaN or inf values, e.g. {bad[0]}")
+
+
+def resolve_device(device=None, dtype=None):
+    """(torch.device, dtype) with the defaults: cuda and bf16 when there is a GPU, else cpu and fp32."""
+    name = device
+    try:
+        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except (RuntimeError, TypeError):
+        raise ValueError(f"--device {name!r} is not a device; use cpu, cuda, cuda:N or mps") from None
+    available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
+    if device.type not in available:
+        raise ValueError(f"--device {name}: not supported; use cpu, cuda, cuda:N or mps")
+    if not available[device.type]:
+        raise ValueError(f"--device {name}: no {device.type.upper()} device here (torch {torch.__version__}); use --device cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) here")
+    return device, dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+
+
+def check_finite(x, what, cause):
+    if not torch.isfinite(x).all():
+        raise ValueError(f"{what} is not finite (NaN or inf); likely cause: {cause}; nothing was written")
+
+
+# ----------------------------------------------------------------------------------------------
+# The pipeline in stages (compare.py reuses them)
 
 
 @dataclass
@@ -157,6 +341,20 @@ class SampleStats:
     seconds: dict = field(default_factory=dict)  # stage -> wall-clock seconds
     ref_tokens: list = field(default_factory=list)  # (before, after) selection, per reference
     kept: list = field(default_factory=list)  # kept token indices per reference (None: all)
+
+
+class Timer:
+    """Adds the wall-clock time since the last lap to stats.seconds[stage] (GPU work included)."""
+
+    def __init__(self, stats, device):
+        self.stats, self.device, self.clock = stats, device, time.perf_counter()
+
+    def lap(self, stage):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        now = time.perf_counter()
+        self.stats.seconds[stage] = self.stats.seconds.get(stage, 0.0) + now - self.clock
+        self.clock = now
 
 
 def resolve_source(source):
@@ -173,8 +371,14 @@ def is_distilled(folder):
     path = os.path.join(folder, "model_index.json")
     if not os.path.isfile(path):
         return True
-    with open(path) as f:
-        return bool(json.load(f).get("is_distilled", False))
+    try:
+        with open(path, encoding="utf-8") as f:
+            index = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"cannot read {path}: {e}") from None
+    if not isinstance(index, dict) or not isinstance(index.get("is_distilled", False), bool):
+        raise ValueError(f"{path}: expected an object whose is_distilled is true or false")
+    return index.get("is_distilled", False)
 
 
 def free(*modules):
@@ -199,157 +403,333 @@ def select_references(images, keep, selector, task, seed, uniform_mix, budget):
     return select_reference_tokens(images, keeps, selector=selector, seed=seed, uniform_mix=uniform_mix, budget=budget)
 
 
-def encode_references(vae, images, kept, device, dtype):
-    """VAE-encode references and drop tokens: the one place tokens are dropped.
-
-    Returns ref (1, M, 128) and ref_ids (M, 4); a kept token keeps its original (t, h, w, l) id.
-    """
-    refs, ids = [], []
-    for k, (image, idx) in enumerate(zip(images, kept)):
-        z = vae.encode(to_tensor(image).to(device, vae_dtype(vae)))  # (1, 128, h, w)
-        tokens, tids = pack(z), grid_ids(z.shape[2], z.shape[3], t=10 * (k + 1)).to(device)
-        if idx is not None:
-            idx = idx.to(device)
-            tokens, tids = tokens[:, idx], tids[idx]
-        refs.append(tokens.to(dtype))
-        ids.append(tids)
-    return torch.cat(refs, dim=1), torch.cat(ids)
-
-
 def vae_dtype(module):
     return next(module.parameters()).dtype
 
 
+def encode_prompts(text, prompts, batch_size):
+    """{prompt: (1, L, J)} with every distinct prompt encoded once, batch_size at a time."""
+    unique = list(dict.fromkeys(prompts))
+    out = {}
+    for i in range(0, len(unique), batch_size):
+        chunk = unique[i : i + batch_size]
+        out.update(zip(chunk, text.encode(chunk).split(1)))
+    return out
+
+
+def encode_references(vae, images, device, dtype):
+    """VAE-encode each reference once: a list of (tokens (1, n, 128) in dtype, ids (n, 4)), all tokens."""
+    out = []
+    for k, image in enumerate(images):
+        z = vae.encode(to_tensor(image).to(device, vae_dtype(vae)))  # (1, 128, h, w)
+        out.append((pack(z).to(dtype), grid_ids(z.shape[2], z.shape[3], t=10 * (k + 1)).to(device)))
+    return out
+
+
+def gather_references(encoded, kept):
+    """The kept tokens of all references: ref (1, M, 128), ref_ids (M, 4); None keeps all.
+
+    The one place tokens are dropped; a kept token keeps its original (t, h, w, l) id.
+    """
+    refs, ids = [], []
+    for (tokens, tids), idx in zip(encoded, kept):
+        if idx is not None:
+            idx = idx.to(tokens.device)
+            tokens, tids = tokens[:, idx], tids[idx]
+        refs.append(tokens)
+        ids.append(tids)
+    return torch.cat(refs, dim=1), torch.cat(ids)
+
+
+def initial_noise(seed, channels, h, w, dtype):
+    """(1, h * w, C) packed noise drawn as diffusers draws it: CPU generator, shape (1, C, h, w)."""
+    g = torch.Generator("cpu").manual_seed(seed)
+    return pack(torch.randn(1, channels, h, w, generator=g, dtype=dtype))
+
+
+LATENT_CAUSES = ("the LoRA (--lora, --lora-scale), non-finite transformer weights, --guidance, or fp16 overflow "
+                 "(try --dtype bf16 or fp32)")  # fmt: skip
+
+
+def sample_latents(transformer, jobs, txts, h, w, steps, ref=None, ref_ids=None, kv_cache=False, guidance=1.0,
+                   neg=None, batch_size=1, progress=False):  # fmt: skip
+    """Final latents (1, h * w, C) for every (prompt, seed) job, batch_size images per transformer call.
+
+    txts {prompt: (1, L, J)}. With kv_cache the references' K/V are extracted once, by the first
+    image, and every other image of every batch attends to them (expanded, not recomputed).
+    """
+    device = txts[jobs[0][0]].device
+    dtype = next(transformer.parameters()).dtype
+    sigmas, img_ids = schedule(steps, h * w).to(device), grid_ids(h, w).to(device)
+    txt_ids = text_ids(txts[jobs[0][0]].shape[1]).to(device)
+    cache = KVCache() if kv_cache and ref is not None else None
+    batches = [jobs[i : i + batch_size] for i in range(0, len(jobs), batch_size)]
+    out = []
+    for b, batch in enumerate(batches):
+        x = torch.cat([initial_noise(s, transformer.cfg.in_channels, h, w, dtype) for _, s in batch]).to(device)
+        txt = torch.cat([txts[p] for p, _ in batch])
+        label = progress and ("denoising" if len(batches) == 1 else f"denoising {b + 1}/{len(batches)}")
+        x = denoise(transformer, x, img_ids, txt, txt_ids, sigmas, ref=ref, ref_ids=ref_ids, kv_cache=cache,
+                    guidance=guidance, neg_txt=neg, progress=label)  # fmt: skip
+        for (p, s), xi in zip(batch, x.split(1)):
+            check_finite(xi, f"the sampled latent for prompt {p!r} seed {s}", LATENT_CAUSES)
+        out += x.split(1)
+    return out
+
+
+def decode_latents(vae, latents, h, w, batch_size=1):
+    """Latents (1, h * w, C) -> PIL images, batch_size at a time; a non-finite image is an error."""
+    images = []
+    for i in range(0, len(latents), batch_size):
+        x = torch.cat(latents[i : i + batch_size])
+        pixels = vae.decode(unpack(x, h, w).to(vae_dtype(vae)))
+        check_finite(pixels, "a decoded image", "non-finite VAE weights or fp16 overflow (try --dtype bf16 or fp32)")
+        images += [to_image(p) for p in pixels]
+    return images
+
+
+def output_size(images, height, width):
+    """Output (h, w) in tokens: the first reference's size (else 1024 px) where not given, floored to 16 px."""
+    w0, h0 = images[0].size if images else (1024, 1024)  # klein's default output size
+    height, width = height or h0, width or w0
+    if height < 16 or width < 16:
+        raise ValueError(f"output size {width}x{height} is too small: at least 16x16")
+    return height // 16, width // 16
+
+
 def generate(model, prompt, refs=(), steps=None, guidance=None, seed=0, height=None, width=None, kv_cache=False,
              keep=1.0, selector="auto", task="edit", uniform_mix=0.25, budget="uniform", lora=None, lora_scale=1.0,
-             device=None, dtype=None, save_selection=None, progress=True):  # fmt: skip
-    """Sample one image; returns (PIL image, SampleStats). `model` is a klein repository folder or hub id."""
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+             device=None, dtype=None, save_selection=None, selection_seed=0, batch_size=1, progress=True):  # fmt: skip
+    """Sample images; `model` is a klein repository folder or hub id.
+
+    prompt: a prompt or a list of them; seed: a seed or a list; refs: paths or PIL images (a single
+    path is one reference). Every (prompt, seed) pair gives one image, prompt-major: (p0, s0),
+    (p0, s1), ..., (p1, s0), ... Each distinct prompt is encoded once; the references are prepared,
+    VAE-encoded and selected (seeded by selection_seed, the same for every image) once, and with
+    kv_cache their K/V are extracted once for all images. Returns (image, SampleStats) for one
+    prompt and one seed, else ([images], SampleStats).
+    """
+    single = isinstance(prompt, str) and isinstance(seed, numbers.Integral)
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    seeds = [seed] if isinstance(seed, numbers.Integral) else list(seed)
+    jobs = [(p, s) for p in prompts for s in seeds]
+    images = load_references(refs)
+    check_sampling(prompts, seeds, len(images), steps, guidance, height, width, keep, uniform_mix, budget, kv_cache,
+                   save_selection, lora, lora_scale, batch_size)  # fmt: skip
+    device, dtype = resolve_device(device, dtype)
     folder = resolve_source(model)
     distilled = is_distilled(folder)
     steps = steps or (4 if distilled else 50)
     guidance = (1.0 if distilled else 4.0) if guidance is None else guidance
     stats = SampleStats()
-    clock = time.perf_counter()
-
-    def lap(stage):
-        nonlocal clock
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        now = time.perf_counter()
-        stats.seconds[stage] = stats.seconds.get(stage, 0.0) + now - clock
-        clock = now
-
-    images = [prepare_reference(load_image(r) if isinstance(r, (str, os.PathLike)) else r) for r in refs]
-    kept = stats.kept = select_references(images, keep, selector, task, seed, uniform_mix, budget) if images else []
-    if height is None or width is None:
-        w0, h0 = images[0].size if images else (1024, 1024)  # klein's default output size
-        height, width = height or h0, width or w0
-    if height < 16 or width < 16:
-        raise ValueError(f"output size {width}x{height} is too small: at least 16x16")
-    h, w = height // 16, width // 16  # output size floored to multiples of 16, as klein does
+    timer = Timer(stats, device)
+    kept = stats.kept = select_references(images, keep, selector, task, selection_seed, uniform_mix, budget) if images else []
+    h, w = output_size(images, height, width)
 
     with torch.no_grad():
         text = TextEncoder.from_pretrained(folder, dtype=dtype, device=device)
-        txt = text.encode([prompt])
+        txts = encode_prompts(text, prompts, batch_size)
         neg = text.encode([""]) if guidance > 1 else None
         free(text)
-        txt_ids = text_ids(txt.shape[1]).to(device)
-        lap("text encoding")
+        timer.lap("text encoding")
 
         ref = ref_ids = None
         if images:
             vae = AutoEncoder.from_pretrained(folder, dtype=dtype, device=device)
-            ref, ref_ids = encode_references(vae, images, kept, device, dtype)
+            ref, ref_ids = gather_references(encode_references(vae, images, device, dtype), kept)
             free(vae)
             for image, idx in zip(images, kept):
                 n = (image.size[0] // 16) * (image.size[1] // 16)
                 stats.ref_tokens.append((n, n if idx is None else len(idx)))
-            if save_selection:
-                save_selection_image(images, kept, save_selection)
-        lap("reference encoding")
+        timer.lap("reference encoding")
 
         transformer = Flux2.from_pretrained(folder, dtype=dtype, device=device)
         if lora:
             from lora import load_lora
 
             load_lora(transformer, lora, scale=lora_scale)
-        noise = torch.randn(1, transformer.cfg.in_channels, h, w, generator=torch.Generator("cpu").manual_seed(seed), dtype=dtype)
-        x = pack(noise.to(device))
-        x = denoise(transformer, x, grid_ids(h, w).to(device), txt, txt_ids, schedule(steps, h * w).to(device),
-                    ref=ref, ref_ids=ref_ids, kv_cache=kv_cache, guidance=guidance, neg_txt=neg, neg_txt_ids=txt_ids,
-                    progress=progress)  # fmt: skip
+        latents = sample_latents(transformer, jobs, txts, h, w, steps, ref, ref_ids, kv_cache, guidance, neg,
+                                 batch_size, progress)  # fmt: skip
         free(transformer)
-        lap("denoising")
+        timer.lap("denoising")
 
         vae = AutoEncoder.from_pretrained(folder, dtype=dtype, device=device)
-        image = to_image(vae.decode(unpack(x, h, w).to(vae_dtype(vae)))[0])
+        outputs = decode_latents(vae, latents, h, w, batch_size)
         free(vae)
-        lap("decoding")
-    return image, stats
+        timer.lap("decoding")
+    if save_selection:  # only once every image exists: a failed run leaves nothing behind
+        save_selection_image(images, kept, save_selection)
+    return (outputs[0] if single else outputs), stats
 
 
-def save_selection_image(images, kept, path):
-    """Each reference with its kept tokens highlighted, side by side in one image."""
-    tiles = [draw_selection(im, idx if idx is not None else torch.arange((im.size[0] // 16) * (im.size[1] // 16)))
-             for im, idx in zip(images, kept)]  # fmt: skip
-    canvas = Image.new("RGB", (sum(t.size[0] for t in tiles), max(t.size[1] for t in tiles)), "white")
-    x = 0
-    for t in tiles:
-        canvas.paste(t, (x, 0))
-        x += t.size[0]
-    save_image_atomic(canvas, path)
+# ----------------------------------------------------------------------------------------------
+# Command line
 
 
-def parse_dtype(name):
-    table = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
-             "fp32": torch.float32, "float32": torch.float32}  # fmt: skip
-    if name not in table:
-        raise argparse.ArgumentTypeError(f"unknown dtype {name!r}; choose from {sorted(table)}")
-    return table[name]
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def add_common_args(p):
+    """Options sample.py and compare.py share. None defaults let the checks tell given from default."""
+    p.add_argument("--model", required=True, help="klein repository folder or hub id, e.g. black-forest-labs/FLUX.2-klein-4B (required)")
+    p.add_argument("--ref", action="extend", nargs="+", default=[], metavar="IMAGE",
+                   help="reference image(s), repeatable (--ref a.png b.png and --ref a.png --ref b.png both give two); "
+                        "reference k gets position t = 10 (k + 1) (default: none)")  # fmt: skip
+    p.add_argument("--steps", type=int, default=None, help=f"denoising steps, 1 to {MAX_STEPS} (default: 4 distilled, 50 base)")
+    p.add_argument("--guidance", type=float, default=None, help="CFG scale, >= 1; 1 turns CFG off (default: 1 distilled, 4 base)")
+    p.add_argument("--height", type=int, default=None, help=f"output height, 16 to {MAX_SIDE}, floored to a multiple of 16 (default: first reference's, else 1024)")
+    p.add_argument("--width", type=int, default=None, help=f"output width, 16 to {MAX_SIDE}, floored to a multiple of 16 (default: first reference's, else 1024)")
+    p.add_argument("--kv-cache", action="store_true", help="extract the reference K/V once and reuse them for every step and image (klein-9b-kv) (default: off)")
+    p.add_argument("--task", default=None, choices=["edit", "subject"], help="task that picks the auto selector (default: edit)")
+    p.add_argument("--uniform-mix", type=float, default=None, help="share of uniform probability mixed into the selector's, in [0, 1] (default: 0.25)")
+    p.add_argument("--budget", default=None, choices=["uniform", "adaptive"], help="token budget across references: uniform (each its own --keep) or adaptive (one total split by structure) (default: uniform)")
+    p.add_argument("--selection-seed", type=int, default=None, help="seed of the token selection, shared by every image (default: 0)")
+    p.add_argument("--lora", default=None, help="LoRA file (diffusers, BFL/ai-toolkit or kohya format) (default: none)")
+    p.add_argument("--lora-scale", type=float, default=None, help="LoRA strength, needs --lora (default: 1)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps (default: cuda if available, else cpu)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="weights and activations (default: bf16 on GPU, fp32 on CPU)")
+
+
+def check_common(args, sparse):
+    """Checks of the shared options that need no model; returns (device, dtype). sparse: tokens are dropped."""
+    if not args.ref:
+        given = [o for o, v in (("--task", args.task), ("--uniform-mix", args.uniform_mix), ("--budget", args.budget),
+                                ("--selection-seed", args.selection_seed), ("--kv-cache", args.kv_cache)) if v is not None and v is not False]  # fmt: skip
+        if given:
+            raise ValueError(f"{', '.join(given)} cannot apply without a reference image (--ref)")
+    elif not sparse:
+        given = [o for o, v in (("--task", args.task), ("--uniform-mix", args.uniform_mix), ("--budget", args.budget),
+                                ("--selection-seed", args.selection_seed)) if v is not None]  # fmt: skip
+        if given:
+            raise ValueError(f"{', '.join(given)} cannot apply with --keep 1 (no token is dropped)")
+    if args.lora_scale is not None and args.lora is None:
+        raise ValueError("--lora-scale cannot apply without --lora")
+    if args.selection_seed is not None:
+        check_number("--selection-seed", args.selection_seed, 0, 2**63 - 1, integer=True)
+    device, dtype = resolve_device(args.device, DTYPES[args.dtype] if args.dtype else None)
+    load_references(args.ref)  # every reference exists, is an image and has a usable size
+    folder = resolve_source(args.model)
+    is_distilled(folder)
+    return device, dtype
+
+
+def warn_slow_dtype(device, dtype):
+    if device.type == "cpu" and dtype != torch.float32:
+        print(f"warning: {str(dtype).removeprefix('torch.')} on a CPU is many times slower than fp32 (the VAE about "
+              "20x); use --dtype fp32 unless memory is short", file=sys.stderr)  # fmt: skip
+
+
+def read_prompts(path):
+    """One prompt per non-empty line of a UTF-8 text file."""
+    check_file(path, "--prompts file")
+    try:
+        with open(path, encoding="utf-8") as f:
+            prompts = [line.strip() for line in f if line.strip()]
+    except UnicodeDecodeError:
+        raise ValueError(f"--prompts file {path} is not UTF-8 text") from None
+    if not prompts:
+        raise ValueError(f"--prompts file {path} holds no prompt")
+    return prompts
+
+
+def output_paths(out, out_dir, prompts, seeds):
+    """One path per (prompt, seed): --out itself for a single image, else out_p{i}_s{seed}.ext next to
+    it, or p{i}_s{seed}.png in --out-dir; i counts the prompts from 0."""
+    if out is not None and len(prompts) * len(seeds) == 1:
+        return [out]
+    stem, ext = os.path.splitext(out) if out is not None else (os.path.join(out_dir, ""), ".png")
+    sep = "_" if out is not None else ""
+    return [f"{stem}{sep}p{i}_s{s}{ext}" for i in range(len(prompts)) for s in seeds]
+
+
+def parser():
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)  # defaults in each help
+    add_common_args(p)
+    p.add_argument("--prompt", action="append", default=[], help="text prompt, repeatable: one image per prompt and seed (default: none)")
+    p.add_argument("--prompts", default=None, metavar="FILE", help="more prompts, one per line of a UTF-8 text file (default: none)")
+    p.add_argument("--out", default=None, help="output image (.png, .jpg, .webp); several images: OUT_p{i}_s{seed}.EXT (default: none)")
+    p.add_argument("--out-dir", default=None, help="write p{i}_s{seed}.png into this folder instead of --out (default: none)")
+    p.add_argument("--seed", type=int, default=None, help="noise seed (CPU generator, as diffusers); with --num-images the first of N (default: 0)")
+    p.add_argument("--seeds", type=int, nargs="+", default=None, help="several noise seeds: one image per prompt and seed (default: --seed)")
+    p.add_argument("--num-images", type=int, default=None, help="images per prompt, seeds --seed, --seed + 1, ... (default: 1)")
+    p.add_argument("--keep", type=float, action="extend", nargs="+", default=None,
+                   help="fraction of reference tokens kept, in (0, 1]: one value or one per reference (default: 1, dense)")  # fmt: skip
+    p.add_argument("--selector", default=None, choices=["auto", "random", "canny", "saliency"],
+                   help="token selector; auto: canny for edit, saliency for subject (default: auto)")  # fmt: skip
+    p.add_argument("--save-selection", default=None, help="also save the references with their kept tokens highlighted (default: none)")
+    p.add_argument("--batch-size", type=int, default=1, help="images per transformer and VAE call (default: 1)")
+    return p
+
+
+def check_args(args):
+    """Every option, before any model loads; returns (prompts, seeds, paths, device, dtype)."""
+    prompts = list(args.prompt) + (read_prompts(args.prompts) if args.prompts is not None else [])
+    if not prompts:
+        raise ValueError("no prompt: give --prompt TEXT (repeatable) or --prompts FILE")
+    if (args.out is None) == (args.out_dir is None):
+        raise ValueError("give exactly one of --out and --out-dir")
+    if args.seeds is not None and (args.seed is not None or args.num_images is not None):
+        raise ValueError("--seeds cannot be combined with --seed or --num-images")
+    if args.num_images is not None:
+        check_number("--num-images", args.num_images, 1, MAX_IMAGES, integer=True)
+    seed = 0 if args.seed is None else args.seed
+    check_number("--seed", seed, 0, 2**63 - 1, integer=True)
+    seeds = args.seeds or list(range(seed, seed + (args.num_images or 1)))
+    keep = args.keep or [1.0]
+    if not args.ref and args.selector is not None:
+        raise ValueError("--selector cannot apply without a reference image (--ref)")
+    if args.ref and all(k == 1 for k in keep) and args.selector is not None:
+        raise ValueError("--selector cannot apply with --keep 1 (no token is dropped)")
+    check_sampling(prompts, seeds, len(args.ref), args.steps, args.guidance, args.height, args.width, keep,
+                   args.uniform_mix if args.uniform_mix is not None else 0.25, args.budget or "uniform",
+                   args.kv_cache, args.save_selection, args.lora, 1.0 if args.lora_scale is None else args.lora_scale,
+                   args.batch_size)  # fmt: skip
+    if args.out is not None:
+        image_format(args.out)
+        check_writable(args.out, "--out")
+    else:
+        check_writable_folder(args.out_dir)
+    paths = output_paths(args.out, args.out_dir, prompts, seeds)
+    if args.save_selection is not None and os.path.abspath(args.save_selection) in map(os.path.abspath, paths):
+        raise ValueError(f"--save-selection {args.save_selection} is also an output image")
+    device, dtype = check_common(args, sparse=any(k < 1 for k in keep) or args.budget == "adaptive")
+    return prompts, seeds, paths, device, dtype
+
+
+def fail(e):
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(1)
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="klein repository folder or hub id, e.g. black-forest-labs/FLUX.2-klein-4B")
-    p.add_argument("--prompt", required=True, help="text prompt")
-    p.add_argument("--ref", nargs="*", default=[], help="reference image(s); reference k gets position t = 10 (k + 1)")
-    p.add_argument("--out", required=True, help="output image path (.png, .jpg, .webp); written atomically")
-    p.add_argument("--steps", type=int, default=None, help="denoising steps (default: 4 distilled, 50 base)")
-    p.add_argument("--guidance", type=float, default=None, help="CFG scale (default: 1 distilled, 4 base)")
-    p.add_argument("--seed", type=int, default=0, help="noise seed (CPU generator, as diffusers)")
-    p.add_argument("--height", type=int, default=None, help="output height (default: first reference's, else 1024)")
-    p.add_argument("--width", type=int, default=None, help="output width (default: first reference's, else 1024)")
-    p.add_argument("--kv-cache", action="store_true", help="cache reference K/V at step 0 and reuse them (klein-9b-kv)")
-    p.add_argument("--keep", type=float, nargs="+", default=[1.0], help="fraction of reference tokens kept, one value or one per reference")
-    p.add_argument("--selector", default="auto", choices=["auto", "random", "canny", "saliency"], help="token selector; auto: canny for edit, saliency for subject")
-    p.add_argument("--task", default="edit", choices=["edit", "subject"], help="task that picks the auto selector (default: edit)")
-    p.add_argument("--budget", default="uniform", choices=["uniform", "adaptive"], help="how the token budget is split across references")
-    p.add_argument("--uniform-mix", type=float, default=0.25, help="share of uniform probability mixed into the selector's")
-    p.add_argument("--save-selection", default=None, help="save the references with their kept tokens highlighted")
-    p.add_argument("--lora", default=None, help="LoRA file (diffusers, BFL/ai-toolkit or kohya format)")
-    p.add_argument("--lora-scale", type=float, default=1.0, help="LoRA strength")
-    p.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda if available)")
-    p.add_argument("--dtype", type=parse_dtype, default=None, help="bf16 | fp16 | fp32 (default: bf16 on GPU, fp32 on CPU)")
-    args = p.parse_args(argv)
+    args = parser().parse_args(argv)
+    start = time.perf_counter()
     try:
-        if Image.registered_extensions().get(os.path.splitext(args.out)[1].lower()) is None:
-            raise ValueError(f"unknown image format for {args.out}; use .png, .jpg or .webp")
-        keep = args.keep[0] if len(args.keep) == 1 else args.keep
-        image, stats = generate(args.model, args.prompt, args.ref, steps=args.steps, guidance=args.guidance, seed=args.seed,
-                                height=args.height, width=args.width, kv_cache=args.kv_cache, keep=keep,
-                                selector=args.selector, task=args.task, uniform_mix=args.uniform_mix, budget=args.budget,
-                                lora=args.lora, lora_scale=args.lora_scale, device=args.device, dtype=args.dtype,
-                                save_selection=args.save_selection)  # fmt: skip
-        save_image_atomic(image, args.out)
+        prompts, seeds, paths, device, dtype = check_args(args)
+    except (OSError, ValueError) as e:
+        fail(e)
+    warn_slow_dtype(device, dtype)
+    keep = args.keep or [1.0]
+    try:
+        images, stats = generate(args.model, prompts, args.ref, steps=args.steps, guidance=args.guidance, seed=seeds,
+                                 height=args.height, width=args.width, kv_cache=args.kv_cache,
+                                 keep=keep[0] if len(keep) == 1 else keep, selector=args.selector or "auto",
+                                 task=args.task or "edit", uniform_mix=0.25 if args.uniform_mix is None else args.uniform_mix,
+                                 budget=args.budget or "uniform", lora=args.lora,
+                                 lora_scale=1.0 if args.lora_scale is None else args.lora_scale, device=device, dtype=dtype,
+                                 save_selection=args.save_selection, selection_seed=args.selection_seed or 0,
+                                 batch_size=args.batch_size)  # fmt: skip
+        for image, path in zip(images, paths):
+            save_image_atomic(image, path)
     except (OSError, ValueError, RuntimeError, KeyError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+        fail(e)
     for k, (before, after) in enumerate(stats.ref_tokens):
         print(f"reference {k}: {after} of {before} tokens kept ({after / before:.1%})")
-    print("  ".join(f"{stage}: {sec:.2f}s" for stage, sec in stats.seconds.items()))
-    print(f"wrote {args.out}")
+    total = time.perf_counter() - start
+    print("  ".join(f"{stage}: {sec:.2f}s" for stage, sec in stats.seconds.items())
+          + f"  total: {total:.2f}s for {len(paths)} image(s), {total / len(paths):.2f}s per image")  # fmt: skip
+    for path in paths + ([args.save_selection] if args.save_selection else []):
+        print(f"wrote {path}")
 
 
 if __name__ == "__main__":

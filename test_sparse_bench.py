@@ -7,15 +7,26 @@ import sys
 import torch
 import torch.nn as nn
 
-from bench import HEADER, KEEPS, REFS, bench_config, forward_flops, kept, loop_flops
+import pytest
+
+import bench
+from bench import HEADER, KEEPS, PER_IMAGE, PER_IMAGE_HEADING, REFS, bench_config, forward_flops, kept, loop_flops
 from model import Flux2, Flux2Config
 
 
+HERE = os.path.dirname(os.path.abspath(__file__))
+ONE_THREAD = dict(os.environ, OMP_NUM_THREADS="1")
+
+
 def test_quick_run_reports_every_point(tmp_path):
-    md, png = tmp_path / "bench.md", tmp_path / "bench.png"
-    cmd = [sys.executable, "bench.py", "--quick", "--out-md", str(md), "--out-png", str(png)]
-    done = subprocess.run(cmd, cwd=os.path.dirname(os.path.abspath(__file__)), capture_output=True, text=True, timeout=180)
+    """--quick writes bench-quick/ (never the committed report) and prints no profiler noise."""
+    cmd = [sys.executable, os.path.join(HERE, "bench.py"), "--quick"]
+    done = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=180, env=ONE_THREAD)
     assert done.returncode == 0, done.stderr[-2000:]
+    md, png = tmp_path / "bench-quick" / "BENCHMARKS.md", tmp_path / "bench-quick" / "benchmarks.png"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bench-quick"]
+    assert "USDT" not in done.stdout + done.stderr and "profiler" not in done.stdout + done.stderr
+    assert "unavailable" not in done.stdout  # the memory measurement ran
     text = md.read_text()
     assert HEADER in text and png.stat().st_size > 0
     for refs in REFS:
@@ -67,3 +78,38 @@ def test_flop_ideal_is_exact():
     ideal_kv = [dense / loop_flops(cfg, 512, 1024, 6 * kept(1024, k), kv=True) for k in KEEPS]
     assert ideal[0] == 1.0 and all(a < b for a, b in zip(ideal, ideal[1:]))
     assert all(a < b for a, b in zip(ideal_kv, ideal_kv[1:])) and all(k > n for k, n in zip(ideal_kv, ideal))
+
+
+def test_quick_per_image_section_replaces_its_own(tmp_path):
+    """--per-image writes only its section into an existing report: the rest stays, an old section goes."""
+    md = tmp_path / "report.md"
+    md.write_text(f"# Report\n\nintro\n\n{PER_IMAGE_HEADING}\n\nold numbers\n\n## Other\n\nkeep me\n")
+    cmd = [sys.executable, os.path.join(HERE, "bench.py"), "--quick", "--per-image", "--out-md", str(md)]
+    done = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=180, env=ONE_THREAD)
+    assert done.returncode == 0, done.stderr[-2000:]
+    text = md.read_text()
+    assert text.startswith("# Report\n\nintro\n\n## Other\n\nkeep me\n") and "old numbers" not in text
+    assert text.count(PER_IMAGE_HEADING) == 1 and sorted(p.name for p in tmp_path.iterdir()) == ["report.md"]
+    for n, (prompts, seeds) in PER_IMAGE.items():
+        row = next(line for line in text.splitlines() if line.startswith(f"| {n} | {prompts} x {seeds} |"))
+        assert all(float(v) > 0 for v in row.split("|")[3:7]), row  # ours dense, ours sparse + KV, floor, diffusers
+    diff = float(text.split("max rel. difference ")[1].split(")")[0])
+    assert diff < 1e-4  # ours with every reference token + KV computes what diffusers' KV loop computes
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--refs", "0"], "--refs"), (["--rounds", "0"], "--rounds"), (["--threads", "0"], "--threads"),
+    (["--size", "100"], "--size"), (["--size", "0"], "--size"), (["--text-tokens", "0"], "--text-tokens"),
+    (["--device", "bogus"], "--device"), (["--out-md", "{d}/x.txt"], "x.txt"), (["--out-png", "{d}/x.md"], "x.md"),
+    (["--quick", "--config", "klein-4b"], "--config"), (["--per-image", "--refs", "2"], "--refs"),
+    (["--rounds", "x"], "--rounds"), (["--out-md", "{d}/folder.md"], "folder.md"),
+])  # fmt: skip
+def test_bad_options(tmp_path, capsys, monkeypatch, args, message):
+    """One `error:` line naming the option, a non-zero exit, nothing written, before any model is built."""
+    monkeypatch.setattr(bench, "build_model", lambda *a: pytest.fail("the benchmark started"))
+    (tmp_path / "folder.md").mkdir()
+    with pytest.raises(SystemExit) as exit:
+        bench.main([a.format(d=tmp_path) for a in args])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit.value.code != 0 and len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
+    assert [p.name for p in tmp_path.iterdir()] == ["folder.md"]

@@ -1,7 +1,11 @@
 """sample.py against diffusers' Flux2KleinPipeline / Flux2KleinKVPipeline on a tiny random pipeline folder."""
 
+import collections
+import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -9,6 +13,7 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, Flux2KleinKVPipeline, Flux2KleinPipeline, Flux2Transformer2DModel
 from diffusers.pipelines.flux2.image_processor import Flux2ImageProcessor
 from PIL import Image
+from safetensors.torch import load_file, save_file
 
 import sample
 from test_sparse_model import randomize_
@@ -16,6 +21,17 @@ from test_sparse_text import make_tiny_text_encoder_repo
 from test_sparse_vae import tiny_diffusers_vae
 
 HIDDEN = 32  # tiny Qwen3: prompt embeddings are 3 x 32 = 96 wide
+ONE_THREAD = dict(os.environ, OMP_NUM_THREADS="1")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models gain nothing from threads, and on a busy machine every parallel op waits for a starved
+    thread (a tiny transformer forward: 3 ms on one thread, 480 ms on two at load 3)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 def make_pipeline_folder(root, distilled):
@@ -136,7 +152,7 @@ def test_schedule_equals_diffusers_scheduler():
 
 
 def run_cli(*args):
-    return subprocess.run([sys.executable, "sample.py", *map(str, args)], capture_output=True, text=True)
+    return subprocess.run([sys.executable, "sample.py", *map(str, args)], capture_output=True, text=True, env=ONE_THREAD)
 
 
 def test_cli_writes_image_and_reports(distilled, tmp_path):
@@ -167,11 +183,12 @@ def test_cli_bad_input(distilled, tmp_path, case):
         extra = ["--height", "8", "--width", "64"]
     else:
         args["out"] = tmp_path / "out.xyz"
+    before = sorted(tmp_path.iterdir())
     r = run_cli("--model", args["model"], "--prompt", "x", "--ref", args["ref"], "--out", args["out"], *extra)
     assert r.returncode == 1
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
-    assert not args["out"].exists() and not list(tmp_path.glob("*.tmp"))
+    assert sorted(tmp_path.iterdir()) == before  # nothing written, no temporary file left
 
 
 def test_lora_equals_diffusers_load_lora_weights(distilled, tmp_path):
@@ -261,3 +278,299 @@ def test_keep_one_is_dense_and_bad_keeps(distilled, tmp_path):
             sample.generate(str(root), "x", REFS, keep=keep, progress=False)
     with pytest.raises(ValueError, match="selector"):
         sample.generate(str(root), "x", REFS, keep=0.5, selector="sobel", progress=False)
+
+
+# ----------------------------------------------------------------------------------------------
+# Many images per process: every image equals its own single-image run; the shared work runs once
+
+PROMPTS = ["a red cube", "a blue ball"]
+SPARSE = dict(keep=0.3, selector="canny")
+
+
+@pytest.fixture(scope="module")
+def many(distilled):
+    """2 prompts x 2 seeds in batches of 3 and 1, sparse references with the KV cache; counts the work done."""
+    from model import Flux2
+    from text_encoder import TextEncoder
+    from vae import AutoEncoder
+
+    root, _ = distilled
+    counts = collections.Counter()
+    encode, vae_encode, forward = TextEncoder.encode, AutoEncoder.encode, Flux2.forward
+
+    def counting_forward(self, img, *args, ref=None, **kw):
+        counts["reference forwards"] += ref is not None
+        counts["reference rows"] += 0 if ref is None else img.shape[0]
+        return forward(self, img, *args, ref=ref, **kw)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(TextEncoder, "encode", lambda self, prompts, *a: counts.update(prompts) or encode(self, prompts, *a))
+        mp.setattr(AutoEncoder, "encode", lambda self, x: counts.update(["vae encodes"] * len(x)) or vae_encode(self, x))
+        mp.setattr(Flux2, "forward", counting_forward)
+        images, stats = sample.generate(str(root), PROMPTS, REFS, seed=[3, 4], kv_cache=True, batch_size=3,
+                                        progress=False, **SPARSE)  # fmt: skip
+    return images, stats, counts
+
+
+def test_many_images_equal_single_runs(distilled, many):
+    root, _ = distilled
+    images, stats, counts = many
+    assert len(images) == 4 and [after for _, after in stats.ref_tokens] == [6, 7]
+    # one encoding per distinct prompt and reference, one reference forward (the K/V extraction) in all
+    assert counts == {PROMPTS[0]: 1, PROMPTS[1]: 1, "vae encodes": 2, "reference forwards": 1, "reference rows": 1}
+    jobs = [(p, s) for p in PROMPTS for s in (3, 4)]
+    for (prompt, seed), image in zip(jobs, images):
+        single, _ = sample.generate(str(root), prompt, REFS, seed=seed, kv_cache=True, progress=False, **SPARSE)
+        assert np.abs(np.array(image).astype(np.int32) - np.array(single).astype(np.int32)).max() <= 1, (prompt, seed)
+    pairs = [np.array(im).astype(np.int32) for im in images]
+    assert min(np.abs(a - b).max() for i, a in enumerate(pairs) for b in pairs[i + 1 :]) > 5  # all different
+
+
+@pytest.mark.parametrize("kv,keep,guidance", [(False, None, 1.0), (False, 0.3, 1.0), (True, 0.3, 1.0), (True, None, 3.0)])
+def test_batched_sampling_equals_one_at_a_time(distilled, kv, keep, guidance):
+    """Batches (3 + 1 images) against one image per call, on the same loaded transformer; the references
+    run once per step and batch without the cache, once in all with it (CFG included)."""
+    from model import Flux2
+
+    root, _ = distilled
+    model = Flux2.from_pretrained(str(root))
+    g = torch.Generator().manual_seed(0)
+    txts = {p: torch.randn(1, 8, 3 * HIDDEN, generator=g) for p in PROMPTS}
+    neg = torch.randn(1, 8, 3 * HIDDEN, generator=g)
+    encoded = [(torch.randn(1, 20, 16, generator=g), sample.grid_ids(4, 5, t=10)),
+               (torch.randn(1, 24, 16, generator=g), sample.grid_ids(6, 4, t=20))]  # fmt: skip
+    kept = [None, None] if keep is None else [torch.tensor([0, 3, 7, 19]), torch.tensor([2, 5, 23])]
+    ref, ref_ids = sample.gather_references(encoded, kept)
+    jobs = [(p, s) for p in PROMPTS for s in (3, 4)]
+    calls = []
+    forward = model.forward
+    model.forward = lambda img, *a, ref=None, **kw: calls.append(ref is not None) or forward(img, *a, ref=ref, **kw)
+    with torch.no_grad():
+        batched = sample.sample_latents(model, jobs, txts, 4, 4, 3, ref, ref_ids, kv, guidance, neg, batch_size=3)
+        n_ref_calls = sum(calls)
+        singles = [sample.sample_latents(model, [job], txts, 4, 4, 3, ref, ref_ids, kv, guidance, neg)[0] for job in jobs]
+    assert n_ref_calls == (1 if kv else 3 * 2 * (2 if guidance > 1 else 1))  # steps x batches x CFG passes
+    for b, s in zip(batched, singles):
+        torch.testing.assert_close(b, s, rtol=1e-5, atol=1e-5)
+    assert (batched[0] - batched[1]).abs().max() > 0.1 and (batched[0] - batched[2]).abs().max() > 0.1
+
+
+def test_cli_many_images(distilled, many, tmp_path):
+    """Repeated --ref and --prompt accumulate; outputs named out_p{i}_s{seed}; the same images as generate()."""
+    root, _ = distilled
+    REFS[0].save(tmp_path / "a.png")
+    REFS[1].save(tmp_path / "b.png")
+    r = run_cli("--model", root, "--prompt", PROMPTS[0], "--prompt", PROMPTS[1], "--ref", tmp_path / "a.png",
+                "--ref", tmp_path / "b.png", "--seeds", 3, 4, "--keep", 0.3, "--selector", "canny", "--kv-cache",
+                "--batch-size", 3, "--out", tmp_path / "o.png", "--save-selection", tmp_path / "sel.png")  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    paths = [tmp_path / f"o_p{i}_s{s}.png" for i in range(2) for s in (3, 4)]
+    for path, image in zip(paths, many[0]):
+        assert np.abs(np.array(Image.open(path)).astype(np.int32) - np.array(image).astype(np.int32)).max() <= 1
+        assert f"wrote {path}" in r.stdout
+        assert path.stat().st_mode & 0o777 == 0o666 & ~sample_umask()  # the umask, not mkstemp's 0600
+    assert Image.open(tmp_path / "sel.png").size == (80 + 64, 96)  # both references
+    assert "reference 1: 7 of 24 tokens kept" in r.stdout and "per image" in r.stdout and f"wrote {tmp_path / 'sel.png'}" in r.stdout
+
+
+def sample_umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def test_output_names():
+    assert sample.output_paths("out.png", None, ["a"], [7]) == ["out.png"]
+    assert sample.output_paths("d/out.jpg", None, ["a", "b"], [0, 5]) == ["d/out_p0_s0.jpg", "d/out_p0_s5.jpg",
+                                                                          "d/out_p1_s0.jpg", "d/out_p1_s5.jpg"]  # fmt: skip
+    assert sample.output_paths(None, "outs", ["a"], [1, 2]) == [os.path.join("outs", "p0_s1.png"), os.path.join("outs", "p0_s2.png")]
+    assert len(sample.load_references(str(Path(__file__).parent / "benchmarks.png"))) == 1  # one path: one reference
+
+
+@pytest.fixture(scope="module")
+def bad_files(distilled, tmp_path_factory):
+    """Inputs for the bad-input table: a good reference, a LoRA and a NaN LoRA, broken files, a FIFO."""
+    import lora
+    from model import Flux2
+
+    root, _ = distilled
+    d = tmp_path_factory.mktemp("bad-inputs")
+    REFS[0].save(d / "ref.png")
+    REFS[1].save(d / "ref2.png")
+    photo(40, 40).save(d / "small.png")
+    (d / "bad.png").write_bytes(b"not an image")
+    (d / "latin1.txt").write_bytes("caf\xe9\n".encode("latin-1"))
+    (d / "empty.txt").write_text("\n \n")
+    (d / "file").write_text("x")
+    (d / "dir.png").mkdir()
+    os.mkfifo(d / "fifo.png")
+    model = Flux2.from_pretrained(str(root))
+    lora.inject(model, rank=2)
+    lora.save_lora(model, d / "lora.safetensors")
+    sd = load_file(d / "lora.safetensors")
+    sd[next(iter(sd))][0, 0] = float("nan")
+    save_file(sd, d / "nan_lora.safetensors")  # save_lora itself refuses to write one
+    return d
+
+
+BAD = {  # case: (arguments after --model, substring of the one error line)
+    "steps 0": (["--steps", "0"], "--steps"),
+    "steps huge": (["--steps", "1000000000000"], "--steps"),
+    "steps not int": (["--steps", "x"], "--steps"),
+    "height 0": (["--height", "0"], "--height"),
+    "width 8": (["--width", "8"], "--width"),
+    "guidance nan": (["--guidance", "nan"], "--guidance"),
+    "guidance inf": (["--guidance", "inf"], "--guidance"),
+    "guidance below 1": (["--guidance", "0.5"], "--guidance"),
+    "lora scale nan": (["--lora", "{d}/lora.safetensors", "--lora-scale", "nan"], "--lora-scale"),
+    "lora scale alone": (["--lora-scale", "2"], "--lora-scale cannot apply without --lora"),
+    "lora missing": (["--lora", "{d}/missing.safetensors"], "missing.safetensors"),
+    "lora nan": (["--lora", "{d}/nan_lora.safetensors"], "NaN"),
+    "lora not safetensors": (["--lora", "{d}/file"], "LoRA"),
+    "no ref: keep kv selection": (["--no-ref", "--keep", "0.1", "0.2", "--kv-cache", "--save-selection", "{d}/sel.png"],
+                                  "--keep, --kv-cache, --save-selection cannot apply without a reference"),  # fmt: skip
+    "no ref: selector": (["--no-ref", "--selector", "canny"], "--selector cannot apply without"),
+    "no ref: task": (["--no-ref", "--task", "subject"], "--task cannot apply without"),
+    "keep 1: selector": (["--selector", "canny"], "--selector cannot apply with --keep 1"),
+    "keep 1: uniform mix": (["--uniform-mix", "0.5"], "--uniform-mix cannot apply with --keep 1"),
+    "selection .txt": (["--keep", "0.5", "--save-selection", "{d}/sel.txt"], "unknown image format"),
+    "adaptive with per-reference keeps": (["--ref", "{d}/ref2.png", "--keep", "0.1", "0.2", "--budget", "adaptive"], "--budget adaptive"),
+    "keep 0": (["--keep", "0"], "--keep"),
+    "keep nan": (["--keep", "nan"], "--keep"),
+    "three keeps for two refs": (["--ref", "{d}/ref2.png", "--keep", "0.5", "0.5", "0.5"], "3 values for 2 reference"),
+    "uniform mix 2": (["--keep", "0.5", "--uniform-mix", "2"], "--uniform-mix"),
+    "device bogus": (["--device", "bogus"], "--device"),
+    "seed negative": (["--seed", "-1"], "--seed"),
+    "seeds repeated": (["--seeds", "1", "1"], "repeats"),
+    "seeds and seed": (["--seeds", "1", "2", "--seed", "3"], "--seeds cannot be combined"),
+    "num images 0": (["--num-images", "0"], "--num-images"),
+    "too many images": (["--num-images", "100000"], "--num-images"),
+    "batch size 0": (["--batch-size", "0"], "--batch-size"),
+    "selection seed negative": (["--keep", "0.5", "--selection-seed", "-1"], "--selection-seed"),
+    "out unknown format": (["--out", "{d}/o.xyz"], "unknown image format"),
+    "out is a folder": (["--out", "{d}/dir.png"], "is a folder"),
+    "out and out dir": (["--out-dir", "{d}/outs"], "exactly one of --out and --out-dir"),
+    "out dir is a file": (["--no-out", "--out-dir", "{d}/file"], "not a folder"),
+    "no prompt": (["--no-prompt"], "no prompt"),
+    "prompts missing": (["--prompts", "{d}/nope.txt"], "nope.txt"),
+    "prompts not utf-8": (["--prompts", "{d}/latin1.txt"], "UTF-8"),
+    "prompts empty": (["--prompts", "{d}/empty.txt"], "no prompt"),
+    "ref missing": (["--ref", "{d}/nope.png"], "nope.png"),
+    "ref not an image": (["--ref", "{d}/bad.png"], "bad.png"),
+    "ref too small": (["--ref", "{d}/small.png"], "too small"),
+    "ref fifo": (["--ref", "{d}/fifo.png"], "fifo.png"),
+    "model missing": (["--model", "{d}/no-model"], "no-model"),
+    "unknown option": (["--stepz", "3"], "--stepz"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_cli_bad_input_table(distilled, bad_files, tmp_path, monkeypatch, capsys, case):
+    """One `error:` line naming the option or file, a non-zero exit, nothing written, no model loaded."""
+    from model import Flux2
+    from text_encoder import TextEncoder
+    from vae import AutoEncoder
+
+    for cls in (Flux2, TextEncoder, AutoEncoder):
+        monkeypatch.setattr(cls, "from_pretrained", lambda *a, **k: pytest.fail("a model loaded"))
+    extra, message = BAD[case]
+    extra = [a.format(d=bad_files) for a in extra]
+    args = {"--model": str(distilled[0]), "--prompt": "x", "--ref": str(bad_files / "ref.png"), "--out": str(tmp_path / "o.png")}
+    for flag in ("--ref", "--out", "--prompt"):
+        if f"--no-{flag[2:]}" in extra:
+            extra.remove(f"--no-{flag[2:]}")
+            del args[flag]
+    if "--model" in extra:
+        i = extra.index("--model")
+        args["--model"] = extra[i + 1]
+        del extra[i : i + 2]
+    before = sorted(bad_files.iterdir()), sorted(tmp_path.iterdir())
+    with pytest.raises(SystemExit) as exit:
+        sample.main([a for kv in args.items() for a in kv] + extra)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit.value.code != 0
+    assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
+    assert (sorted(bad_files.iterdir()), sorted(tmp_path.iterdir())) == before
+
+
+def test_cli_fifo_reference_does_not_hang(bad_files, distilled, tmp_path):
+    r = subprocess.run([sys.executable, "sample.py", "--model", str(distilled[0]), "--prompt", "x", "--ref",
+                        str(bad_files / "fifo.png"), "--out", str(tmp_path / "o.png")], capture_output=True, text=True,
+                       timeout=60, env=ONE_THREAD)  # fmt: skip
+    assert r.returncode == 1 and r.stderr.startswith("error: ") and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_cli_non_finite_latent_writes_nothing(distilled, bad_files, tmp_path, capsys):
+    """A finite but absurd guidance overflows: an error naming the likely causes, and no file at all."""
+    with pytest.raises(SystemExit):
+        sample.main(["--model", str(distilled[0]), "--prompt", "x", "--ref", str(bad_files / "ref.png"), "--keep", "0.5",
+                     "--guidance", "1e38", "--out", str(tmp_path / "o.png"), "--save-selection", str(tmp_path / "s.png")])  # fmt: skip
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip() and not line.startswith("denoising")]
+    assert len(err) == 1 and "not finite" in err[0] and "--guidance" in err[0] and "--lora" in err[0], err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_help_shows_every_default_and_cpu_bf16_warns(capsys):
+    import compare
+
+    for parser in (sample.parser(), compare.parser()):
+        for action in parser._actions:
+            if action.dest != "help":
+                assert "default" in action.help or "required" in action.help, action.option_strings
+    sample.warn_slow_dtype(torch.device("cpu"), torch.bfloat16)
+    sample.warn_slow_dtype(torch.device("cpu"), torch.float32)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("warning: bfloat16 on a CPU")
+    with pytest.raises(ValueError, match="--steps"):
+        sample.schedule(100000, 4096)  # would be NaN
+
+
+# ----------------------------------------------------------------------------------------------
+# compare.py: PSNR and SSIM against scikit-image; the sheet's images are generate()'s
+
+
+@pytest.mark.parametrize("shape", [(3, 11, 11), (3, 40, 33), (2, 3, 64, 48)])
+def test_psnr_ssim_equal_skimage(shape):
+    from skimage.metrics import peak_signal_noise_ratio, structural_similarity
+
+    import compare
+
+    g = torch.Generator().manual_seed(sum(shape))
+    a = torch.rand(shape, generator=g)
+    b = (a + 0.1 * torch.randn(shape, generator=g)).clamp(0, 1)
+    got_psnr, got_ssim = compare.psnr(a, b), compare.ssim(a, b)
+    assert got_psnr.shape == got_ssim.shape == shape[:-3]
+    for i, (x, y) in enumerate(zip(a.reshape(-1, *shape[-3:]).double().numpy(), b.reshape(-1, *shape[-3:]).double().numpy())):
+        want = structural_similarity(x, y, gaussian_weights=True, sigma=1.5, use_sample_covariance=False, data_range=1,
+                                     channel_axis=0)  # fmt: skip
+        assert abs(got_ssim.reshape(-1)[i].item() - want) < 1e-10
+        assert abs(got_psnr.reshape(-1)[i].item() - peak_signal_noise_ratio(x, y, data_range=1)) < 1e-10
+    assert (compare.ssim(a, a) - 1).abs().max() < 1e-12 and compare.psnr(a, a).isinf().all()
+    with pytest.raises(ValueError, match="shape"):
+        compare.ssim(a, b[..., :-1])
+
+
+def test_compare_sheet_and_table(distilled, many, tmp_path, capsys):
+    import compare
+
+    root, _ = distilled
+    REFS[0].save(tmp_path / "a.png")
+    REFS[1].save(tmp_path / "b.png")
+    out = tmp_path / "cmp"
+    compare.main(["--model", str(root), "--prompt", PROMPTS[0], "--seed", "3", "--ref", str(tmp_path / "a.png"),
+                  str(tmp_path / "b.png"), "--keeps", "0.6", "0.3", "--selectors", "random", "canny", "--kv-cache",
+                  "--out-dir", str(out)])  # fmt: skip
+    table = json.loads((out / "compare.json").read_text())["points"]
+    assert [(p["selector"], p["keep"]) for p in table] == [("dense", 1.0)] + [(s, k) for s in ("random", "canny") for k in (0.6, 0.3)]
+    assert table[0]["psnr_db"] is None and table[0]["ssim"] == 1 and table[0]["speedup"] == 1
+    assert all(5 < p["psnr_db"] < 100 and 0 < p["ssim"] < 1 and p["seconds_per_image"] > 0 for p in table[1:])
+    assert [p["ref_tokens"] for p in table] == [44, 12 + 14, 6 + 7, 12 + 14, 6 + 7]
+    # the canny 0.3 tile is the image generate() makes with the same settings
+    got = np.array(Image.open(out / "canny_k0.3.png")).astype(np.int32)
+    assert np.abs(got - np.array(many[0][0]).astype(np.int32)).max() <= 1
+    dense = compare.pixels(Image.open(out / "dense_k1.png"))
+    assert table[4]["psnr_db"] == pytest.approx(compare.psnr(compare.pixels(Image.open(out / "canny_k0.3.png")), dense).item())
+    assert "| canny | 0.3 | 13 |" in (out / "compare.md").read_text()
+    sheet = Image.open(out / "sheet.png")
+    assert sheet.width == 8 + 3 * (256 + 8) and sheet.height > 2 * 256
+    assert f"wrote {out / 'sheet.png'}" in capsys.readouterr().out

@@ -14,6 +14,7 @@ from diffusers import AutoencoderKLFlux2, Flux2KleinPipeline, Flux2Transformer2D
 from PIL import Image
 from safetensors.torch import load_file
 
+import data
 import lora
 import train
 from data import CachedDataset, ManifestError, cache_dataset, read_manifest
@@ -507,17 +508,18 @@ def test_resume_equals_uninterrupted(klein, tmp_path, monkeypatch):
 
 
 def test_torchrun_equals_one_process(klein, tmp_path, monkeypatch):
-    """torchrun: 2 processes x batch 1 (gloo, gradient checkpointing) take the same global batches and
-    draws as 1 process x 2 examples; 7 examples in batches of 2, so step 4 is a batch of one (process 1
+    """torchrun: 2 processes x batch 1 (gloo, gradient checkpointing), given the manifest (process 0
+    caches it while the other waits), take the same global batches and draws as 1 process x 2 examples; 7 examples in batches of 2, so step 4 is a batch of one (process 1
     has none) and step 5 starts a new epoch. With one example per forward in both, the summed
     gradient is the same float sum (a + b), so the LoRA is bitwise equal; stacking the two examples
     into one forward (batch 2) changes only rounding: losses and gradient norms agree to 1e-6."""
-    root, _, cache = klein
+    root, manifest, cache = klein
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    args = run_args(root, cache, tmp_path / "two", "--steps", "5", "--gradient-checkpointing")
+    args = run_args(root, manifest, tmp_path / "two", "--steps", "5", "--gradient-checkpointing")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", os.path.join(HERE, "train.py"), *args]
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
+    assert CachedDataset(str(tmp_path / "two" / "cache")).index == CachedDataset(str(cache)).index
     train.main(run_args(root, cache, tmp_path / "accum", "--steps", "5", "--grad-accum", "2"))
     sizes, loss = [], train.flow_matching_loss
     monkeypatch.setattr(train, "flow_matching_loss", lambda model, group, *a: sizes.append(len(group)) or loss(model, group, *a))
@@ -531,3 +533,18 @@ def test_torchrun_equals_one_process(klein, tmp_path, monkeypatch):
         a, b = (np.array([r[key] for r in logs[d]]) for d in ("two", "stacked"))
         print(f"\ntorchrun x2 vs one process, one forward of 2: {key} max rel diff {np.abs(a / b - 1).max():.1e}")
         assert np.allclose(a, b, rtol=1e-6, atol=0)
+
+
+def test_cli_summaries(klein, tmp_path, capsys):
+    """data.py ends with a summary line; train.py shows the loss in its progress bar and ends by naming
+    the LoRA file."""
+    root, manifest, cache = klein
+    data.main([str(manifest), "--model", str(root), "--out", str(tmp_path / "cache")])
+    out = capsys.readouterr()
+    assert out.out.strip().splitlines()[-1] == f"cached 7 examples in {tmp_path / 'cache'}: 7 encoded, 0 already cached, 0 skipped; 2 distinct prompts"
+    data.main([str(manifest), "--model", str(root), "--out", str(tmp_path / "cache")])
+    assert "0 encoded, 7 already cached" in capsys.readouterr().out
+    train.main(["--model", str(root), "--data", str(cache), "--out", str(tmp_path / "run"), "--steps", "2"])
+    out = capsys.readouterr()
+    assert "loss=" in out.err
+    assert out.out.strip().splitlines()[-1].startswith(f"wrote {tmp_path / 'run' / 'pytorch_lora_weights.safetensors'} (step 2")

@@ -11,7 +11,6 @@ final norm and the LM head never run, so they are not read from the checkpoint.
 Parameter names equal the Hugging Face checkpoint keys (`model.layers.N.self_attn.q_proj.weight`).
 """
 
-import json
 import re
 import warnings
 from dataclasses import dataclass
@@ -23,7 +22,7 @@ import torch.nn.functional as F
 from huggingface_hub import snapshot_download
 from tokenizers import Tokenizer
 
-from model import diffusers_weight_files, load_into, read_safetensors, resolve_component
+from model import check_file, diffusers_weight_files, field, load_into, read_json, read_safetensors, resolve_component
 
 
 @dataclass
@@ -44,35 +43,38 @@ class Qwen3Config:
     @classmethod
     def from_json(cls, path):
         """Read a transformers Qwen3 `config.json` (4.x or 5.x style)."""
-        raw = json.loads(Path(path).read_text())
+        raw = read_json(path)
         if raw.get("hidden_act", "silu") != "silu":
             raise ValueError(f"{path}: hidden_act {raw['hidden_act']!r} is not supported (only silu)")
         if raw.get("use_sliding_window", False):
             raise ValueError(f"{path}: sliding-window attention is not supported")
         # transformers 5 nests RoPE settings in `rope_parameters`; 4.x has top-level `rope_theta`
         # plus `rope_scaling` (null for plain RoPE)
-        rope = raw.get("rope_parameters") or raw.get("rope_scaling") or {}
+        name = "rope_parameters" if raw.get("rope_parameters") else "rope_scaling"
+        rope = field(raw, name, path, dict, default={})
         rope_type = rope.get("rope_type", rope.get("type", "default"))
         if rope_type != "default":
             raise ValueError(f"{path}: RoPE type {rope_type!r} is not supported (only default)")
-        theta = rope.get("rope_theta", raw.get("rope_theta"))
-        if theta is None:
-            raise ValueError(f"{path}: no rope_theta (top level or in rope_parameters)")
-        heads = raw["num_attention_heads"]
-        return cls(
-            vocab_size=raw["vocab_size"],
-            hidden_size=raw["hidden_size"],
-            intermediate_size=raw["intermediate_size"],
-            num_hidden_layers=raw["num_hidden_layers"],
+        theta = field(rope, "rope_theta", f"{path}: {name}", float) if "rope_theta" in rope else field(raw, "rope_theta", path, float)
+        heads, hidden = field(raw, "num_attention_heads", path), field(raw, "hidden_size", path)
+        cfg = cls(
+            vocab_size=field(raw, "vocab_size", path),
+            hidden_size=hidden,
+            intermediate_size=field(raw, "intermediate_size", path),
+            num_hidden_layers=field(raw, "num_hidden_layers", path),
             num_attention_heads=heads,
-            num_key_value_heads=raw.get("num_key_value_heads", heads),
-            head_dim=raw.get("head_dim") or raw["hidden_size"] // heads,
-            rms_norm_eps=raw.get("rms_norm_eps", cls.rms_norm_eps),
+            num_key_value_heads=field(raw, "num_key_value_heads", path, default=heads),
+            head_dim=field(raw, "head_dim", path, default=hidden // heads),
+            rms_norm_eps=field(raw, "rms_norm_eps", path, float, default=cls.rms_norm_eps),
             rope_theta=float(theta),
-            max_position_embeddings=raw.get("max_position_embeddings", cls.max_position_embeddings),
-            attention_bias=raw.get("attention_bias", False),
-            tie_word_embeddings=raw.get("tie_word_embeddings", cls.tie_word_embeddings),
+            max_position_embeddings=field(raw, "max_position_embeddings", path, default=cls.max_position_embeddings),
+            attention_bias=field(raw, "attention_bias", path, bool, default=False),
+            tie_word_embeddings=field(raw, "tie_word_embeddings", path, bool, default=cls.tie_word_embeddings),
         )
+        if heads % cfg.num_key_value_heads or cfg.head_dim % 2:
+            raise ValueError(f"{path}: num_attention_heads {heads} must be a multiple of num_key_value_heads "
+                             f"{cfg.num_key_value_heads}, and head_dim {cfg.head_dim} even")
+        return cfg
 
 
 # ----------------------------------------------------------------------------------------------
@@ -223,10 +225,14 @@ class TextEncoder(nn.Module):
         folder = Path(resolve_component(source, None, ["text_encoder/*", "tokenizer/*"], download=snapshot_download))
         te_dir, tok_dir = folder / "text_encoder", folder / "tokenizer"
         for needed in (te_dir / "config.json", tok_dir / "tokenizer.json"):
-            if not needed.is_file():
+            if not needed.exists():
                 raise FileNotFoundError(f"{needed} not found: {folder} is not a klein repository folder")
         config = Qwen3Config.from_json(te_dir / "config.json")
-        tokenizer = Tokenizer.from_file(str(tok_dir / "tokenizer.json"))
+        tokenizer_file = check_file(str(tok_dir / "tokenizer.json"), "tokenizer")
+        try:
+            tokenizer = Tokenizer.from_file(tokenizer_file)
+        except Exception as e:  # the tokenizers library raises a plain Exception
+            raise ValueError(f"cannot read tokenizer {tokenizer_file}: {e}") from None
         # we pad/truncate by hand below, whatever tokenizer.json says
         tokenizer.no_padding()
         tokenizer.no_truncation()
@@ -267,14 +273,16 @@ class TextEncoder(nn.Module):
 
 def _pad_token_id(tokenizer, tok_dir):
     config_path = tok_dir / "tokenizer_config.json"
-    settings = json.loads(config_path.read_text()) if config_path.is_file() else {}
+    settings = read_json(config_path) if config_path.exists() else {}
     # klein pads and truncates on the right (transformers' default), the only layout implemented here
     for side in ("padding_side", "truncation_side"):
         if settings.get(side, "right") != "right":
             raise ValueError(f"{config_path}: {side}={settings[side]!r} is not supported (only right)")
     pad = settings.get("pad_token") or "<|endoftext|>"  # Qwen's pad token when the config names none
     if isinstance(pad, dict):  # older files store an AddedToken dict
-        pad = pad["content"]
+        pad = field(pad, "content", f"{config_path}: pad_token", str)
+    if not isinstance(pad, str):
+        raise ValueError(f"{config_path}: field 'pad_token' must be a string, got {pad!r}")
     pad_id = tokenizer.token_to_id(pad)
     if pad_id is None:
         raise ValueError(f"pad token {pad!r} is not in {tok_dir / 'tokenizer.json'}")

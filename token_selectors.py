@@ -16,16 +16,16 @@ and cv2.saliency's StaticSaliencySpectralResidual; OpenCV is the test oracle, ne
 
 CLI: python token_selectors.py IMAGE --keep 0.1 --selector canny --out sel.png
 """
-import argparse
 import math
 import os
 import sys
-import tempfile
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+
+from model import ArgumentParser, check_file, write_atomic
 
 PATCH = 16  # pixels per token side (FLUX.2: VAE /8, then 2x2 patchify)
 SELECTORS = ("canny", "saliency", "random")
@@ -230,9 +230,9 @@ def _n_keep(keep, n):
     return max(1, round(keep * n))
 
 
-def _sample(scores, k, seed, uniform_mix):
+def _sample(scores, k, seed, uniform_mix, grid_w=None):
     """Draw k of N token indices without replacement, p_i = (1 - a) s_i / sum(s) + a / N.
-    Returns a sorted (k,) LongTensor."""
+    grid_w (the token grid's width): coverage first, see _cover. Returns a sorted (k,) LongTensor."""
     a = _check_fraction("uniform_mix", uniform_mix, low_open=False)
     s = torch.as_tensor(scores).detach().flatten().double().cpu()
     if not torch.isfinite(s).all() or (s < 0).any():
@@ -242,12 +242,34 @@ def _sample(scores, k, seed, uniform_mix):
     p = (1 - a) * p + a / N
     g = torch.Generator().manual_seed(seed)
     n_pos = int((p > 0).sum())
-    if n_pos >= k:
+    if grid_w and n_pos >= k:
+        idx = _cover(p, k, g, grid_w)
+    elif n_pos >= k:
         idx = torch.multinomial(p, k, replacement=False, generator=g)
     else:  # a == 0 and fewer scored tokens than k: take them all, fill up uniformly from the rest
         fill = torch.multinomial((p == 0).double(), k - n_pos, replacement=False, generator=g)
         idx = torch.cat([(p > 0).nonzero()[:, 0], fill])
     return idx.sort().values
+
+
+def _cover(p, k, g, grid_w):
+    """k tokens, coverage first: the token grid is cut into square cells of side s = floor(sqrt(N / k))
+    (so there are at least k cells), k cells are drawn without replacement by their mass sum(p_i),
+    then one token inside each drawn cell by p_i. No large region goes empty (plain sampling leaves
+    flat areas bare once the map concentrates the budget); the map still decides where inside a cell,
+    and which cells win when there are more cells than tokens."""
+    N = p.numel()
+    side = max(1, math.isqrt(N // k))
+    pos = torch.arange(N)
+    cell = (pos // grid_w // side) * -(-grid_w // side) + pos % grid_w // side  # (N,) cell of each token
+    mass = torch.zeros(int(cell.max()) + 1, dtype=p.dtype).index_add_(0, cell, p)
+    if int((mass > 0).sum()) < k:  # too few cells with any probability: plain sampling
+        return torch.multinomial(p, k, replacement=False, generator=g)
+    picks = []
+    for c in torch.multinomial(mass, k, replacement=False, generator=g):
+        members = (cell == c).nonzero()[:, 0]
+        picks.append(members[torch.multinomial(p[members], 1, generator=g)])
+    return torch.cat(picks)
 
 
 def select_tokens(scores, keep, seed=0, uniform_mix=0.25):
@@ -283,7 +305,7 @@ def _split_budget(total, weights, sizes):
 
 
 def select_reference_tokens(images, keep, selector="canny", seed=0, uniform_mix=0.25,
-                            budget="uniform"):
+                            budget="uniform", coverage=False):
     """Kept token indices for each reference image: a list of sorted LongTensors.
 
     keep: a fraction in (0, 1] for every reference, or a list with one fraction per reference.
@@ -298,6 +320,8 @@ def select_reference_tokens(images, keep, selector="canny", seed=0, uniform_mix=
                   a = uniform_mix, the same mix as within an image. Every reference keeps
                   between 1 and all of its tokens; what a full reference cannot take goes to
                   the others. The selector then picks which tokens inside each reference.
+    coverage: spread the kept tokens over the image first, one per cell of a coarse grid, the
+              scores choosing inside each cell (_cover); False is the paper's rule.
     """
     n_refs = len(images)
     keeps = list(keep) if isinstance(keep, (list, tuple)) else [keep] * n_refs
@@ -319,7 +343,8 @@ def select_reference_tokens(images, keep, selector="canny", seed=0, uniform_mix=
         mass = mass / mass.sum() if mass.sum() > 0 else area  # no edges anywhere: by area
         total = round(sum(k * n for k, n in zip(keeps, sizes)))
         counts = _split_budget(total, ((1 - a) * mass + a * area).tolist(), sizes)
-    return [_sample(s, k, seed + i, uniform_mix) for i, (s, k) in enumerate(zip(scores, counts))]
+    widths = [_rgb_tensor(im).shape[2] // PATCH if coverage else None for im in images]
+    return [_sample(s, k, seed + i, uniform_mix, w) for i, (s, k, w) in enumerate(zip(scores, counts, widths))]
 
 
 # -----------------------------------------------------------------------------
@@ -356,44 +381,37 @@ def _center_crop(image):
     return image.crop((left, top, left + W, top + H))
 
 
-def _save_atomic(image, path):
-    """Write to a temporary file next to path, then rename: path is never left half-written."""
-    folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder):
-        raise FileNotFoundError(f"output folder {folder} does not exist")
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.splitext(path)[1])
-    os.close(fd)
-    try:
-        image.save(tmp)  # format from the extension, as for path
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
 def main(argv=None):
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         description="Show which tokens of a reference image Sparse Context keeps. The image is "
         "converted to RGB and centre-cropped to multiples of 16 px (sample.py's preprocessing "
         "also resizes large images, so its token grid can differ).")
     parser.add_argument("image", help="input image file")
     parser.add_argument("--keep", type=float, default=0.1, help="fraction of tokens kept, (0, 1]")
-    parser.add_argument("--selector", choices=SELECTORS, default="canny",
-                        help="map that weights the draw (default: canny)")
+    parser.add_argument("--selector", choices=SELECTORS, default="canny", help="map that weights the draw")
     parser.add_argument("--out", required=True, help="output image, e.g. sel.png (dropped: dark)")
-    parser.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
+    parser.add_argument("--seed", type=int, default=0, help="sampling seed")
     parser.add_argument("--uniform-mix", type=float, default=0.25,
-                        help="uniform share mixed into the map's probabilities, in [0, 1] "
-                        "(default: 0.25)")
+                        help="uniform share mixed into the map's probabilities, in [0, 1]")
     args = parser.parse_args(argv)
-    try:
-        with Image.open(args.image) as f:
+    try:  # every option and file checked before any work; nothing is written on an error
+        _check_fraction("keep", args.keep, low_open=True)
+        _check_fraction("uniform_mix", args.uniform_mix, low_open=False)
+        if not 0 <= args.seed < 2**63:
+            raise ValueError(f"--seed must be in [0, 2^63), got {args.seed}")
+        fmt = Image.registered_extensions().get(os.path.splitext(args.out)[1].lower())
+        if fmt is None or fmt not in Image.SAVE:
+            raise ValueError(f"--out {args.out}: unknown image format; use .png, .jpg or .webp")
+        folder = os.path.dirname(os.path.abspath(args.out))
+        if not os.path.isdir(folder) or os.path.isdir(args.out):
+            raise ValueError(f"--out {args.out}: {'is a folder' if os.path.isdir(args.out) else 'its folder does not exist'}")
+        with Image.open(check_file(args.image, "image")) as f:
             image = _center_crop(f.convert("RGB"))
-        kept = select_reference_tokens([image], args.keep, args.selector, args.seed,
-                                       args.uniform_mix)[0]
+        kept = select_reference_tokens([image], args.keep, args.selector, args.seed, args.uniform_mix)[0]
         grid_w = image.width // PATCH
-        _save_atomic(draw_selection(image, kept, grid_w), args.out)
-    except Exception as e:
+        drawing = draw_selection(image, kept, grid_w)
+        write_atomic(args.out, lambda tmp: drawing.save(tmp, format=fmt))
+    except Exception as e:  # PIL raises many kinds (UnidentifiedImageError, DecompressionBombError, ...)
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         sys.exit(1)
     n = grid_w * (image.height // PATCH)

@@ -5,7 +5,13 @@
 
 --data is a latent cache folder (data.py) or a JSONL manifest. A manifest is first cached into
 OUT/cache with the VAE and text encoder of --model, which are then freed: training holds only the
-transformer. Under torchrun, cache first (`python data.py MANIFEST --model ... --out CACHE`).
+transformer. Under torchrun, process 0 caches it while the others wait.
+
+Every option and file (model config, cache index and headers, checkpoint) is checked before any model
+loads. Outputs survive a kill at any instant: each file is written atomically; the checkpoint is
+written first and is the truth (it records the LoRA file's hash: --resume rewrites a LoRA file a kill
+left behind); --resume drops the log lines after the checkpoint's step, and a line a kill cut short.
+The first non-finite loss or gradient stops the run with an error naming the step, before the update.
 
 One step takes a global batch of G = batch_size x grad_accum x processes examples:
   - example i at step n draws everything from its own generator, seeded by (seed, n, i): sigma,
@@ -26,7 +32,6 @@ target grid share a forward (up to batch_size), their references padded to the l
 padding masked out of attention (model ref_mask).
 """
 
-import argparse
 import gc
 import hashlib
 import json
@@ -39,13 +44,14 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import lora
-from data import CachedDataset, encode_manifest, write_atomic
-from model import Flux2
+from data import CachedDataset, check_max_area, check_out_dir, encode_manifest, read_manifest
+from model import STALE_TEMP, ArgumentParser, Flux2, check_file, fault_point, field, load_checkpoint, remove_stale_temps, write_atomic
 from sample import empirical_mu, grid_ids, text_ids
 from vae import pack
 
 MU_STEPS = 50  # the step count whose schedule shift training follows (base klein's default)
 CHECKPOINT, LORA_FILE, LOG = "checkpoint.pt", "pytorch_lora_weights.safetensors", "log.jsonl"
+MAX_STEPS = 10**8  # bounds --steps, --warmup and --save-every
 # what defines a run: --resume refuses to change these (the number of processes may change)
 RUN = (
     "rank", "alpha", "targets", "lr", "weight_decay", "warmup", "max_grad_norm", "keep_range", "keep_all_prob", "kv", "seed",
@@ -132,48 +138,177 @@ def epoch_batches(buckets, size, seed, epoch):
 
 
 # ----------------------------------------------------------------------------------------------
-# Running
+# Checks: everything is read and validated before any model loads
+
+
+class NonFiniteError(ValueError):
+    pass
 
 
 def init_distributed():
-    """(rank, world size, device). torchrun sets WORLD_SIZE; NCCL on GPUs, gloo on CPUs."""
+    """(rank, world size, device). torchrun sets WORLD_SIZE, RANK, LOCAL_RANK and MASTER_ADDR; NCCL on
+    GPUs, gloo on CPUs."""
+    env = {k: os.environ.get(k) for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
     cuda = torch.cuda.is_available()
-    if int(os.environ.get("WORLD_SIZE", 1)) == 1:
+    world = env["WORLD_SIZE"] or "1"
+    if not world.isdigit() or int(world) < 1:
+        raise ValueError(f"WORLD_SIZE={world!r} must be a positive integer")
+    if int(world) == 1:
         return 0, 1, torch.device("cuda" if cuda else "cpu")
-    local = int(os.environ["LOCAL_RANK"])
+    unset = [k for k, v in env.items() if not (v or "").strip()]
+    if unset or not env["LOCAL_RANK"].isdigit():
+        raise ValueError(f"WORLD_SIZE={world} without {', '.join(unset) or 'a valid LOCAL_RANK'}: "
+                         f"start the processes with torchrun --nproc_per_node {world} train.py ...")
+    local = int(env["LOCAL_RANK"])
     if cuda:
         torch.cuda.set_device(local)
     dist.init_process_group("nccl" if cuda else "gloo")
     return dist.get_rank(), dist.get_world_size(), torch.device("cuda", local) if cuda else torch.device("cpu")
 
 
-def open_data(args, world, device):
-    if os.path.isdir(args.data):
-        return CachedDataset(args.data)
-    if world > 1:
-        raise ValueError(f"under torchrun --data must be a cache folder; cache the manifest first: "
-                         f"python data.py {args.data} --model {args.model} --out CACHE")
-    data = encode_manifest(args.data, args.model, os.path.join(args.out, "cache"), args.max_area, args.skip_bad, device)
-    gc.collect()  # the encoders are gone: free their memory before the transformer loads
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    return data
+def read_checkpoint(path):
+    """checkpoint.pt as plain tensors and numbers (weights_only: loading runs no code), its structure
+    checked; one error naming the file (and field) whatever is wrong with it."""
+    check_file(path, "checkpoint")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ValueError(f"cannot read checkpoint {path} (damaged, or not written by train.py): {reason}") from None
+    if not isinstance(state, dict):
+        raise ValueError(f"checkpoint {path} must hold a dict, got {type(state).__name__}")
+    if field(state, "step", path) > MAX_STEPS:
+        raise ValueError(f"{path}: field 'step' is {state['step']}, above {MAX_STEPS}")
+    for name in ("run", "lora", "optimizer"):
+        field(state, name, path, dict)
+    field(state, "lora_file_sha256", path, str)
+    return state
 
 
-def save_checkpoint(path, model, opt, step, run):
-    """LoRA, optimizer, step and settings. No RNG state: every draw is keyed by (seed, step, example),
-    so the step is all a resumed run needs to repeat the uninterrupted one."""
-    lora_params = {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad}
-    state = dict(step=step, run=run, lora=lora_params, optimizer=opt.state_dict())
-    write_atomic(path, lambda tmp: torch.save(state, tmp))
-
-
-def load_checkpoint(path, model, opt, run, device):
-    """Restore LoRA and optimizer; returns the step to continue from."""
-    state = torch.load(path, map_location=device, weights_only=True)
+def check_checkpoint(state, path, run, shapes):
+    """A checkpoint fits this run: the same settings, a finite LoRA of the shapes `shapes` ({name: shape},
+    in parameter order), AdamW state for those parameters. Non-finite values are refused: resuming
+    them would only train NaN further."""
     changed = [f"{k} {state['run'].get(k)} -> {v}" for k, v in run.items() if state["run"].get(k) != v]
     if changed:
         raise ValueError(f"--resume with settings that differ from the checkpoint's: {', '.join(changed)}")
+    got = {k: tuple(v.shape) if isinstance(v, torch.Tensor) else None for k, v in state["lora"].items()}
+    if got != {k: tuple(s) for k, s in shapes.items()}:
+        wrong = sorted(set(got) ^ set(shapes) | {k for k in got if k in shapes and got[k] != tuple(shapes[k])})
+        raise ValueError(f"{path}: field 'lora' does not fit the model and LoRA settings ({len(wrong)} tensors, e.g. {wrong[0]})")
+    opt = state["optimizer"]
+    groups, per_param = opt.get("param_groups"), opt.get("state")
+    sizes = list(shapes.values())
+    ok = isinstance(groups, list) and len(groups) == 1 and isinstance(groups[0], dict)
+    ok = ok and groups[0].get("params") == list(range(len(sizes))) and isinstance(per_param, dict)
+    ok = ok and all(
+        i in range(len(sizes)) and isinstance(s, dict) and set(s) == {"step", "exp_avg", "exp_avg_sq"}
+        and all(isinstance(s[k], torch.Tensor) for k in s) and s["step"].numel() == 1
+        and tuple(s["exp_avg"].shape) == tuple(s["exp_avg_sq"].shape) == tuple(sizes[i])
+        for i, s in per_param.items()
+    )  # fmt: skip
+    if not ok:
+        raise ValueError(f"{path}: field 'optimizer' is not AdamW state for this LoRA")
+    tensors = list(state["lora"].values()) + [t for s in per_param.values() for t in s.values()]
+    if not all(t.is_floating_point() and torch.isfinite(t).all() for t in tensors):
+        raise NonFiniteError(f"{path} holds non-finite or non-float values: it cannot be resumed")
+
+
+def lora_is_current(path, state):
+    """Whether the LoRA file is the one the checkpoint implies (a kill between the two leaves the old one)."""
+    try:
+        with open(check_file(path, "LoRA file"), "rb") as f:
+            return hashlib.sha256(f.read()).hexdigest() == state["lora_file_sha256"]
+    except (OSError, ValueError):
+        return False
+
+
+def check_out(args):
+    """The checkpoint state to resume from, or None to start at step 0, from what --out holds."""
+    check_out_dir(args.out)
+    checkpoint = os.path.join(args.out, CHECKPOINT)
+    if os.path.lexists(checkpoint):
+        if not args.resume:
+            raise ValueError(f"{args.out} already holds a run: pass --resume to continue it, or choose another --out")
+        return read_checkpoint(checkpoint)
+    held = sorted(n for n in (os.listdir(args.out) if os.path.isdir(args.out) else []) if not STALE_TEMP.fullmatch(n))
+    if args.resume and os.path.isdir(args.out) and set(held) <= {LOG, "cache"}:
+        print(f"{args.out} has no {CHECKPOINT} yet (the run stopped before its first save): starting at step 0", file=sys.stderr)
+        return None
+    if args.resume:
+        raise FileNotFoundError(f"--resume: no {CHECKPOINT} in {args.out}")
+    if set(held) - {"cache"}:  # OUT/cache alone: a manifest caching that was interrupted, resumable
+        raise ValueError(f"--out {args.out} holds {', '.join(held)} but no {CHECKPOINT}: choose an empty or new folder "
+                         f"(or pass --resume if a run of this command was interrupted before its first save)")
+    return None
+
+
+def open_data(args, rank, world, device):
+    """The training examples: a cache folder as it is; a manifest cached into OUT/cache first, by process
+    0 while the others wait."""
+    if os.path.isdir(args.data):
+        return CachedDataset(args.data)
+    read_manifest(args.data, args.skip_bad)  # every line checked, on every process, before any model loads
+    cache = os.path.join(args.out, "cache")
+    problem = None
+    if rank == 0:
+        try:
+            encode_manifest(args.data, args.model, cache, args.max_area, args.skip_bad, device)
+        except (ValueError, OSError) as e:
+            problem = str(e)
+        gc.collect()  # the encoders are gone: free their memory before the transformer loads
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    if world > 1:  # the others wait for process 0, and learn whether it succeeded
+        message = [problem]
+        dist.broadcast_object_list(message, src=0)
+        problem = message[0]
+    if problem is not None:
+        raise ValueError(problem)
+    return CachedDataset(cache)
+
+
+def read_log(path, last_step):
+    """The lines of log.jsonl up to last_step: a resumed run drops what came after its checkpoint, and
+    a line a kill cut short."""
+    if not os.path.exists(path):
+        return []
+    check_file(path, "log")
+    kept = []
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            try:
+                step = json.loads(line)["step"]
+            except (ValueError, TypeError, KeyError):
+                continue
+            if isinstance(step, int) and step <= last_step and line.endswith("\n"):
+                kept.append(line)
+    return kept
+
+
+# ----------------------------------------------------------------------------------------------
+# Running
+
+
+def save(out, model, opt, step, run):
+    """The checkpoint (LoRA, optimizer, step, settings), then the LoRA file. The checkpoint is the truth and
+    records the LoRA file's hash, so --resume sees whether a kill left an older LoRA file behind.
+    No RNG state: every draw is keyed by (seed, step, example), so the step is all a resumed run needs
+    to repeat the uninterrupted one."""
+    blob = lora.lora_file(model)
+    lora_params = {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad}
+    state = dict(step=step, run=run, lora=lora_params, optimizer=opt.state_dict(), lora_file_sha256=hashlib.sha256(blob).hexdigest())
+
+    def write(tmp):
+        with open(tmp, "wb") as f:  # a file object: the archive inside is named the same every time
+            torch.save(state, f)
+
+    write_atomic(os.path.join(out, CHECKPOINT), write)
+    lora.write_bytes(os.path.join(out, LORA_FILE), blob)
+
+
+def restore(state, model, opt):
+    """Load a checked checkpoint's LoRA and optimizer state; returns its step."""
     with torch.no_grad():
         for n, p in model.named_parameters():
             if p.requires_grad:
@@ -192,19 +327,36 @@ def train(args):
 
 
 def run_training(args, rank, world, device):
-    checkpoint = os.path.join(args.out, CHECKPOINT)
-    if os.path.exists(checkpoint) and not args.resume:
-        raise ValueError(f"{args.out} already holds a run: pass --resume to continue it, or choose another --out")
-    if args.resume and not os.path.exists(checkpoint):
-        raise FileNotFoundError(f"--resume: no {CHECKPOINT} in {args.out}")
-    data = open_data(args, world, device)
+    out = args.out
+    checkpoint, lora_path, log_path = (os.path.join(out, n) for n in (CHECKPOINT, LORA_FILE, LOG))
+    state = check_out(args)
+    cfg, _ = load_checkpoint(args.model)  # the transformer's config, checked; weights memory-mapped, unread
+    with torch.device("meta"):  # the LoRA layout, without weights: checks --targets and the checkpoint
+        probe = Flux2(cfg).requires_grad_(False)
+    lora.inject(probe, args.targets, args.rank, args.alpha, args.seed)
+    shapes = {n: p.shape for n, p in probe.named_parameters() if p.requires_grad}
+    del probe
+
+    G = args.batch_size * args.grad_accum * world
+    run = {k: getattr(args, k) for k in RUN} | dict(targets=list(args.targets), keep_range=list(args.keep_range))
+    run["global_batch"] = G
+    start = 0
+    if state is not None:
+        check_checkpoint(state, checkpoint, run, shapes)
+        start = state["step"]
+        finished = lora_is_current(lora_path, state)
+        if args.steps < start or (args.steps == start and finished):
+            raise ValueError(f"--steps {args.steps}: the run in {out} is already at step {start}; "
+                             f"pass a larger --steps to train further")
+    if world > 1:  # every process has looked at --out before process 0 writes anything
+        dist.barrier()
+    data = open_data(args, rank, world, device)
+    if (data.channels, data.text_dim) != (cfg.in_channels, cfg.context_dim):
+        raise ValueError(f"the cache does not fit the model: latents of {data.channels} channels and text of {data.text_dim} "
+                         f"(the transformer takes {cfg.in_channels} and {cfg.context_dim})")
 
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # bf16 weights, float32 LoRA, autocast
     model = Flux2.from_pretrained(args.model, dtype=dtype, device=device)
-    channels, text_dim = data[0]["target"].shape[0], data[0]["txt"].shape[-1]
-    if (channels, text_dim) != (model.cfg.in_channels, model.cfg.context_dim):
-        raise ValueError(f"the cache does not fit the model: latents of {channels} channels and text of {text_dim} "
-                         f"(the transformer takes {model.cfg.in_channels} and {model.cfg.context_dim})")
     model.requires_grad_(False)
     lora.inject(model, args.targets, args.rank, args.alpha, args.seed)
     model.gradient_checkpointing = args.gradient_checkpointing
@@ -212,25 +364,34 @@ def run_training(args, rank, world, device):
     for p in params:  # zeros, not None: a process without examples in a step still sums its share
         p.grad = torch.zeros_like(p)
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+    stale = state is not None and not lora_is_current(lora_path, state)
+    if state is not None:
+        restore(state, model, opt)
+    del state
 
-    G = args.batch_size * args.grad_accum * world
-    run = {k: getattr(args, k) for k in RUN} | dict(targets=list(args.targets), keep_range=list(args.keep_range))
-    run["global_batch"] = G
-    start = load_checkpoint(checkpoint, model, opt, run, device) if args.resume else 0
-    log_path = os.path.join(args.out, LOG)
     if rank == 0:
-        os.makedirs(args.out, exist_ok=True)
-        lines = []
-        if args.resume and os.path.exists(log_path):
-            with open(log_path) as f:
-                lines = [line for line in f if json.loads(line)["step"] <= start]
-        with open(log_path, "w") as f:  # a resumed run drops what came after its checkpoint
-            f.writelines(lines)
+        remove_stale_temps(out)
+        if stale:  # a kill between checkpoint and LoRA file: finish that save
+            lora.save_lora(model, lora_path)
+        if os.path.exists(log_path):  # drop the lines after the checkpoint (all of them, starting over)
+            lines = read_log(log_path, start)
+
+            def write_log(tmp):
+                with open(tmp, "w") as f:
+                    f.writelines(lines)
+
+            write_atomic(log_path, write_log)
+    if start == args.steps:
+        if rank == 0:
+            print(f"the run had reached step {start}; restored its LoRA: {lora_path}")
+        return
 
     buckets = data.buckets()
     per_epoch = len(epoch_batches(buckets, G, args.seed, 0))
     epoch, batches = None, None
-    for step in tqdm(range(start, args.steps), initial=start, total=args.steps, disable=rank != 0, desc="training"):
+    saved = start
+    bar = tqdm(range(start, args.steps), initial=start, total=args.steps, disable=rank != 0, desc="training")
+    for step in bar:
         if step // per_epoch != epoch:
             epoch = step // per_epoch
             batches = epoch_batches(buckets, G, args.seed, epoch)
@@ -253,22 +414,32 @@ def run_training(args, rank, world, device):
                 p.grad.copy_(g.view_as(p))
             loss_sum = flat[-1:]
         grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
+        loss = loss_sum.item() / len(batch)
+        if not (math.isfinite(loss) and math.isfinite(grad_norm.item())):  # every process sees the same sums
+            raise NonFiniteError(f"step {step + 1}: loss {loss}, gradient norm {grad_norm.item()}; stopped before the "
+                                 f"update (lower --lr, or check the data); {out} keeps its last save, step {saved}")
         lr = args.lr * min(1.0, (step + 1) / args.warmup) if args.warmup else args.lr
         for group in opt.param_groups:
             group["lr"] = lr
         opt.step()
+        bar.set_postfix(loss=f"{loss:.4f}")
 
-        if rank == 0:
+        if rank == 0:  # --out is created by the first step: bad data found in step 1 leaves nothing behind
+            os.makedirs(out, exist_ok=True)
             with open(log_path, "a") as f:
-                record = dict(step=step + 1, loss=loss_sum.item() / len(batch), lr=lr, grad_norm=grad_norm.item())
-                f.write(json.dumps(record) + "\n")
+                f.write(json.dumps(dict(step=step + 1, loss=loss, lr=lr, grad_norm=grad_norm.item())) + "\n")
+            fault_point("appended")
             if (step + 1) % args.save_every == 0 or step + 1 == args.steps:
-                save_checkpoint(checkpoint, model, opt, step + 1, run)
-                lora.save_lora(model, os.path.join(args.out, LORA_FILE))
+                if not all(torch.isfinite(p).all() for p in params):
+                    raise NonFiniteError(f"step {step + 1}: the LoRA became non-finite; nothing saved (lower --lr)")
+                save(out, model, opt, step + 1, run)
+                saved = step + 1
+    if rank == 0:
+        print(f"wrote {lora_path} (step {args.steps}; checkpoint and log.jsonl in {out})")
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Train a Sparse Context LoRA (random reference-token dropping) for klein.")
+    p = ArgumentParser(description="Train a Sparse Context LoRA (random reference-token dropping) for klein.")
     p.add_argument("--model", required=True, help="klein repository folder, transformer folder, BFL file or hub id")
     p.add_argument("--data", required=True, help="latent cache folder (data.py) or JSONL manifest (cached to OUT/cache)")
     p.add_argument("--out", required=True, help="output folder: checkpoint.pt, log.jsonl, pytorch_lora_weights.safetensors")
@@ -301,8 +472,23 @@ def parse_args(argv=None):
     if not 0 <= args.keep_all_prob <= 1:
         p.error(f"--keep-all-prob must be in [0, 1], got {args.keep_all_prob}")
     for name in ("steps", "rank", "batch_size", "grad_accum", "save_every"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be at least 1")
+        if not 1 <= getattr(args, name) <= MAX_STEPS:
+            p.error(f"--{name.replace('_', '-')} must be in [1, {MAX_STEPS}], got {getattr(args, name)}")
+    if not 0 <= args.warmup <= MAX_STEPS:
+        p.error(f"--warmup must be in [0, {MAX_STEPS}], got {args.warmup}")
+    if not 0 <= args.seed < 2**63:
+        p.error(f"--seed must be in [0, 2^63), got {args.seed}")
+    for name in ("lr", "max_grad_norm") + (("alpha",) if args.alpha is not None else ()):
+        if not (math.isfinite(getattr(args, name)) and getattr(args, name) > 0):
+            p.error(f"--{name.replace('_', '-')} must be a finite number > 0, got {getattr(args, name)}")
+    if not (math.isfinite(args.weight_decay) and args.weight_decay >= 0):
+        p.error(f"--weight-decay must be a finite number >= 0, got {args.weight_decay}")
+    if not all(args.targets) or len(set(args.targets)) != len(args.targets):
+        p.error("--targets must be distinct, non-empty patterns")
+    try:
+        check_max_area(args.max_area)
+    except ValueError as e:
+        p.error(str(e))
     return args
 
 
@@ -310,7 +496,7 @@ def main(argv=None):
     args = parse_args(argv)
     try:
         train(args)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, OSError) as e:
         sys.exit(f"error: {e}")
 
 

@@ -10,7 +10,6 @@ Parameter names follow BFL's `ae.safetensors` (encoder.down.0.block.0.conv1.weig
 loads as is; diffusers `vae/` folders are renamed on load (`diffusers_to_bfl`).
 """
 
-import json
 import os
 import re
 from dataclasses import dataclass
@@ -21,7 +20,7 @@ import torch.nn.functional as F
 from huggingface_hub import snapshot_download
 from torch import nn
 
-from model import diffusers_weight_files, load_into, read_safetensors, resolve_component
+from model import diffusers_weight_files, field, load_into, read_json, read_safetensors, resolve_component
 
 PATCH = 2  # latents are cut into 2x2 patches: 32 channels x 4 = the 128 the transformer sees
 
@@ -323,9 +322,9 @@ class AutoEncoder(nn.Module):
             cfg = config_from_state_dict(sd)
         else:
             config_file = path / "config.json"
-            if not config_file.is_file():
+            if not config_file.exists():
                 raise FileNotFoundError(f"{config_file} not found: not a diffusers VAE folder or repository")
-            cfg = config_from_diffusers(json.loads(config_file.read_text()))
+            cfg = config_from_diffusers(read_json(config_file), config_file)
             sd = read_safetensors(diffusers_weight_files(path, "diffusion_pytorch_model"))
             sd, from_diffusers = diffusers_to_bfl(sd, len(cfg.block_out_channels)), True
 
@@ -344,8 +343,9 @@ class AutoEncoder(nn.Module):
 # configs and checkpoints
 
 
-def config_from_diffusers(config: dict) -> AutoEncoderConfig:
-    """AutoEncoderConfig from a diffusers `AutoencoderKLFlux2` config.json; rejects settings this code lacks."""
+def config_from_diffusers(config: dict, path="config.json") -> AutoEncoderConfig:
+    """AutoEncoderConfig from a diffusers `AutoencoderKLFlux2` config.json (read from path); rejects settings
+    this code lacks, and values of the wrong type or sign."""
     if config.get("_class_name", "AutoencoderKLFlux2") != "AutoencoderKLFlux2":
         raise ValueError(f"expected an AutoencoderKLFlux2 config, got _class_name={config['_class_name']!r}")
     fixed = {  # the FLUX.2 architecture; anything else would silently compute something different
@@ -359,16 +359,20 @@ def config_from_diffusers(config: dict) -> AutoEncoderConfig:
     bad = {k: config[k] for k, v in fixed.items() if k in config and _as_list(config[k]) != _as_list(v)}
     if bad:
         raise ValueError(f"unsupported AutoencoderKLFlux2 settings: {bad}")
-    defaults = AutoEncoderConfig()
-    return AutoEncoderConfig(
-        in_channels=config.get("in_channels", defaults.in_channels),
-        out_channels=config.get("out_channels", defaults.out_channels),
-        block_out_channels=tuple(config.get("block_out_channels", defaults.block_out_channels)),
-        layers_per_block=config.get("layers_per_block", defaults.layers_per_block),
-        latent_channels=config.get("latent_channels", defaults.latent_channels),
-        norm_num_groups=config.get("norm_num_groups", defaults.norm_num_groups),
-        batch_norm_eps=config.get("batch_norm_eps", defaults.batch_norm_eps),
+    d = AutoEncoderConfig()
+    cfg = AutoEncoderConfig(
+        in_channels=field(config, "in_channels", path, default=d.in_channels),
+        out_channels=field(config, "out_channels", path, default=d.out_channels),
+        block_out_channels=field(config, "block_out_channels", path, list, default=d.block_out_channels),
+        layers_per_block=field(config, "layers_per_block", path, default=d.layers_per_block),
+        latent_channels=field(config, "latent_channels", path, default=d.latent_channels),
+        norm_num_groups=field(config, "norm_num_groups", path, default=d.norm_num_groups),
+        batch_norm_eps=field(config, "batch_norm_eps", path, float, default=d.batch_norm_eps),
     )
+    if any(c % cfg.norm_num_groups for c in cfg.block_out_channels):
+        raise ValueError(f"{path}: field 'block_out_channels' {list(cfg.block_out_channels)} must be multiples of "
+                         f"norm_num_groups {cfg.norm_num_groups}")
+    return cfg
 
 
 def config_from_state_dict(sd: dict[str, torch.Tensor]) -> AutoEncoderConfig:

@@ -1,0 +1,91 @@
+"""reproduce.py's machinery (never its research outcome): the split, the fine-tunes, the evaluation, --quick."""
+
+import json
+import math
+
+import pytest
+import torch
+from PIL import Image
+
+import reproduce as R
+from model import Flux2
+from train import flow_matching_loss, generator, training_example
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("repro")
+    R.main(["--quick", "--work", str(root / "work"), "--report", str(root / "report")])
+    return root
+
+
+def test_training_examples_come_only_from_training_photographs(monkeypatch):
+    # Every photograph is one flat colour of its own: any pixel of a training reference must be a
+    # training photograph's colour (crops, blur, flips and pasting of flat images keep colours exact).
+    names = [n for split in ("train", "val", "test") for n in R.PHOTOS[split]]
+    value = {n: (i + 1) / (len(names) + 1) for i, n in enumerate(names)}
+    monkeypatch.setattr(R, "photo", lambda n: torch.full((3, 300, 400), value[n]))
+    allowed = torch.tensor([value[n] for n in R.PHOTOS["train"]])
+    assert not set(R.PHOTOS["train"]) & (set(R.PHOTOS["test"]) | set(R.PHOTOS["val"]))
+    for ex in R.make_split("train", 6, seed=0):
+        for ref in ex["refs"]:
+            seen = ref.unique()
+            assert torch.isclose(seen[:, None], allowed[None], atol=1e-6).any(1).all(), ex["task"]
+
+
+def test_quick_run_writes_every_table_and_figure(quick_run):
+    report = (quick_run / "report" / "REPRODUCTION.md").read_text()
+    for k in range(1, 5):
+        assert f"**Claim {k}: " in report
+    for task in R.TASKS:
+        assert f"### {task}" in report and f"SSIM ({task})" in report
+    for name in ("quality_vs_keep", "quality_vs_speed", "grid_edit", "grid_subject", "grid_multi"):
+        path = quick_run / "report" / "reproduction" / f"{name}.png"
+        assert f"reproduction/{name}.png" in report
+        with Image.open(path) as im:
+            assert im.size[0] > 100 and im.size[1] > 100
+    results = json.loads((quick_run / "report" / "reproduction" / "results.json").read_text())
+    models = {key.split("|")[0] for key in results["summary"]}
+    assert models == {"base", "control", "drop", "drop-mix", "base-kv", "drop-kv"}
+    assert all(math.isfinite(m[0]) for v in results["summary"].values() for m in v.values())
+    assert {(r["refs"], r["kv"]) for r in results["speed"]} == {(3, False), (3, True), (6, False), (6, True)}
+
+
+def test_training_cache_holds_only_training_photographs(quick_run):
+    index = json.loads((quick_run / "work" / "train-cache" / "index.json").read_text())
+    assert index and all(set(e["photos"]) <= set(R.PHOTOS["train"]) for e in index)
+
+
+def test_fine_tunes_differ_only_in_their_keep_settings(quick_run):
+    runs = {}
+    for name in R.TUNES:
+        state = torch.load(quick_run / "work" / "runs" / name / "checkpoint.pt", weights_only=True)
+        runs[name] = state["run"]
+    keep = {"keep_range", "keep_all_prob", "kv"}
+    for name, run in runs.items():
+        assert {k: v for k, v in run.items() if k not in keep} == {k: v for k, v in runs["drop"].items() if k not in keep}
+    assert runs["control"]["keep_range"] == [1.0, 1.0] and runs["control"]["keep_all_prob"] == 0
+    assert runs["drop"]["keep_range"] == [0.05, 0.25] and not runs["drop"]["kv"]
+    assert runs["drop-kv"]["kv"] and runs["drop-kv"]["keep_range"] == runs["drop"]["keep_range"]
+
+
+def test_evaluation_of_a_model_on_its_training_example_beats_noise():
+    # Overfit a tiny model on one example; evaluate() must score it well against that example's
+    # true target and badly against the same example with a noise target.
+    torch.manual_seed(0)
+    ex = R.make_split("val", 1, seed=7)[0]
+    model = Flux2(R.base_config(R.SETTINGS["quick"]))
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    item = R.as_item(ex)
+    for step in range(150):
+        opt.zero_grad()
+        flow_matching_loss(model, [training_example(item, generator("overfit", step), (1, 1), 1.0)], False, "cpu").mean().backward()
+        opt.step()
+    model.eval()
+    settings = dict(R.SETTINGS["quick"], seeds=1, keeps=(1.0,))
+    noisy = dict(ex, target=torch.rand(ex["target"].shape, generator=torch.Generator().manual_seed(0)))
+    own, _, _ = R.evaluate({"m": model}, [ex], settings)
+    noise, _, _ = R.evaluate({"m": model}, [noisy], settings)
+    key = ("m", "edit", "random", 1.0, 0)
+    assert own[key]["psnr"] > noise[key]["psnr"] + 3
+    assert own[key]["ssim"] > noise[key]["ssim"]
