@@ -727,7 +727,7 @@ def main(argv=None):
     v = verdicts(s, speed)
     mix_note = (f"drop-mix (`{' '.join(TUNES['drop-mix'])}`) against drop (train.py's defaults), chosen on the validation "
                 f"photograph ({', '.join(PHOTOS['val'])}) by the mean over tasks of PSNR at keep 1 plus PSNR at keep 0.1: "
-                f"drop {score('drop'):.2f}, drop-mix {score('drop-mix'):.2f} -> **{chosen}**. On the test photographs: "
+                f"drop {score('drop'):.2f}, drop-mix {score('drop-mix'):.2f} -> **{chosen}**. On the {args.split} photographs: "
                 + "; ".join(f"{t}: keep 1 drop {s[('drop', t, 'random', 1.0)]['psnr'][0]:.2f} / drop-mix "
                             f"{s[('drop-mix', t, 'random', 1.0)]['psnr'][0]:.2f}, keep 0.1 drop "
                             f"{s[('drop', t, AWARE[t], 0.1)]['psnr'][0]:.2f} / drop-mix {s[('drop-mix', t, AWARE[t], 0.1)]['psnr'][0]:.2f}"
