@@ -569,6 +569,14 @@ def plot_speed(path, s, speed, models):
     save_figure(fig, path)
 
 
+def write_text(path, text):
+    def write(tmp):
+        with open(tmp, "w") as f:
+            f.write(text)
+
+    write_atomic(path, write)
+
+
 def save_figure(fig, path):
     import matplotlib.pyplot as plt
 
@@ -651,7 +659,7 @@ def write_report(path, figures, s, speed, v, info, models):
     L += ["", "## Figures", ""] + [f"![{os.path.basename(f)}]({f})" for f in figures]
     L += ["", "## Beyond the paper: a schedule that keeps dense quality", "", info["mix_note"], ""]
     text = "\n".join(L) + "\n"
-    write_atomic(path, lambda tmp: open(tmp, "w").write(text))
+    write_text(path, text)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -700,7 +708,7 @@ def main(argv=None):
     statuses = [fine_tune(name, base, cache, runs[name], settings, args.seed)[1] for name in TUNES]
     lap("fine-tunes")
     trained["fine-tunes"] = stages["fine-tunes"] if "trained" in statuses else trained.get("fine-tunes")
-    write_atomic(timings, lambda tmp: open(tmp, "w").write(json.dumps(trained)))
+    write_text(timings, json.dumps(trained))
 
     models = {"base": load_model(base)} | {n: load_model(base, os.path.join(runs[n], "pytorch_lora_weights.safetensors")) for n in TUNES}
     # Validation: choose between drop and drop-mix (dense quality at keep 1, and keep 0.1).
@@ -740,8 +748,8 @@ def main(argv=None):
                 mix_note=mix_note)  # fmt: skip
     write_report(os.path.join(report, "REPRODUCTION.md"), figures, s, speed, v, info, names + ("base-kv", "drop-kv"))
     results_json = {"|".join(map(str, k)): v for k, v in s.items()}
-    write_atomic(os.path.join(report, "reproduction", "results.json"),
-                 lambda tmp: open(tmp, "w").write(json.dumps(dict(summary=results_json, speed=speed, verdicts=v, info=info), indent=1)))
+    write_text(os.path.join(report, "reproduction", "results.json"),
+               json.dumps(dict(summary=results_json, speed=speed, verdicts=v, info=info), indent=1))
     for k, (verd, lines) in v.items():
         print(f"claim {k}: {verd}: " + "; ".join(lines))
     print(f"wrote {os.path.join(report, 'REPRODUCTION.md')} in {(time.perf_counter() - start) / 60:.1f} min: "
