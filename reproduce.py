@@ -35,6 +35,7 @@ import math
 import os
 import platform
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -71,8 +72,8 @@ TASKS = ("edit", "subject", "multi")
 AWARE = {"edit": "canny", "subject": "saliency", "multi": "saliency"}  # the paper's task-aware rule
 SETTINGS = {
     "full": dict(cfg=dict(hidden_size=128, num_heads=4, depth=1, depth_single=3), base_steps=700, base_batch=32,
-                 base_lr=1e-3, tune_steps=300, tune_batch=16, tune_lr=1e-3, rank=16, train_pool=3072,
-                 test_per_task=48, seeds=3, sample_steps=8, timing_rounds=3, keeps=(1.0, 0.5, 0.25, 0.1, 0.05)),
+                 base_lr=1e-3, tune_steps=200, tune_batch=16, tune_lr=1e-3, rank=16, train_pool=3072,
+                 test_per_task=32, seeds=3, sample_steps=8, timing_rounds=3, keeps=(1.0, 0.5, 0.25, 0.1, 0.05)),
     "quick": dict(cfg=dict(hidden_size=32, num_heads=2, depth=1, depth_single=1), base_steps=20, base_batch=8,
                   base_lr=1e-3, tune_steps=3, tune_batch=4, tune_lr=1e-3, rank=4, train_pool=32,
                   test_per_task=4, seeds=1, sample_steps=2, timing_rounds=1, keeps=(1.0, 0.1, 0.05)),
@@ -242,10 +243,14 @@ def base_config(settings):
     return Flux2Config(in_channels=CHANNELS, context_dim=CONTEXT, axes_dim=(head // 4,) * 4, **c)
 
 
+def base_key(settings, seed):
+    return json.dumps(dict(settings={k: settings[k] for k in TRAINING}, seed=seed), sort_keys=True)
+
+
 def pretrain(path, cache, settings, seed):
     """Full-parameter training from scratch on dense references, with train.py's loss and per-example
     draws, on the training cache (the fine-tunes' data). Saved as a BFL single file."""
-    key = json.dumps(dict(settings={k: settings[k] for k in TRAINING}, seed=seed), sort_keys=True)
+    key = base_key(settings, seed)
     if os.path.isfile(path):
         from safetensors import safe_open
 
@@ -280,12 +285,17 @@ def pretrain(path, cache, settings, seed):
 def fine_tune(name, base, cache, out, settings, seed):
     """train.py as users run it; a finished run is reused, a killed one resumed."""
     lora_file, checkpoint = os.path.join(out, "pytorch_lora_weights.safetensors"), os.path.join(out, "checkpoint.pt")
-    steps = settings["tune_steps"]
-    if os.path.isfile(checkpoint):
+    cmd, marker = tune_command(name, base, cache, out, settings, seed), out + ".json"
+    key = json.dumps(dict(command=cmd, base=base_key(settings, seed)))  # a new base or command: a new run
+    if os.path.isfile(marker) and open(marker).read() == key and os.path.isfile(checkpoint):
         state = torch.load(checkpoint, map_location="cpu", weights_only=True)
-        if state["step"] >= steps and os.path.isfile(lora_file):
-            return tune_command(name, base, cache, out, settings, seed), "cached"
-    cmd = tune_command(name, base, cache, out, settings, seed) + (["--resume"] if os.path.isfile(checkpoint) else [])
+        if state["step"] == settings["tune_steps"] and os.path.isfile(lora_file):
+            return cmd, "cached"
+        cmd = cmd + ["--resume"]  # a killed run goes on from its last checkpoint
+    else:
+        shutil.rmtree(out, ignore_errors=True)
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+        write_text(marker, key)
     here = os.path.dirname(os.path.abspath(__file__))
     absolute = [os.path.abspath(a) if a in (base, cache, out) else a for a in cmd]  # train.py runs from here
     env = dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads()))  # train.py uses this run's --threads
@@ -369,20 +379,21 @@ def metrics(pred, truth):
                 coarse_psnr=psnr(coarse(pred), coarse(truth)).mean().item())  # fmt: skip
 
 
-def evaluate(models, examples, settings, kv_models=()):
+def evaluate(models, examples, settings, kv_models=(), configs=None):
     """{(model, task, selector, keep, seed): metrics} on the examples, plus the images at keep 0.1 and 1
-    of the first seed for the figures."""
+    of the first seed for the figures. configs: (task, selector, keep, budget) tuples (default: all)."""
     items = [as_item(ex) for ex in examples]
     truth = decode(torch.stack([it["target"] for it in items]))
     results, images = {}, {}
-    configs = []
-    for task in TASKS:
-        sel = ["random", "canny", "saliency", "canny-cover", "saliency-cover"]
-        for keep in settings["keeps"]:
-            for selector in (["random"] if keep == 1 else sel):
-                configs.append((task, selector, keep, "uniform"))
-            if task == "multi" and keep < 1:
-                configs.append((task, "adaptive", keep, "adaptive"))
+    if configs is None:
+        configs = []
+        for task in TASKS:
+            sel = ["random", "canny", "saliency", "canny-cover", "saliency-cover"]
+            for keep in settings["keeps"]:
+                for selector in (["random"] if keep == 1 else sel):
+                    configs.append((task, selector, keep, "uniform"))
+                if task == "multi" and keep < 1:
+                    configs.append((task, "adaptive", keep, "adaptive"))
     bar = tqdm(total=len(configs) * settings["seeds"], desc="evaluating")
     for task, selector, keep, budget in configs:
         idx = [i for i, ex in enumerate(examples) if ex["task"] == task]
@@ -503,11 +514,13 @@ def keeps_of(s):
 
 def table(s, task, models, metric="psnr"):
     keeps = keeps_of(s)
-    sels = ["random", "canny", "saliency"] + (["adaptive"] if task == "multi" else [])
+    sels = ["random", "canny", "saliency", "canny-cover", "saliency-cover"] + (["adaptive"] if task == "multi" else [])
     head = "| model | selector | " + " | ".join(f"keep {k:g}" for k in keeps) + " |"
     rows = [head, "|" + "---|" * (2 + len(keeps))]
     for name in models:
         for sel in sels:
+            if not any((name, task, sel, k) in s for k in keeps if k < 1):
+                continue  # not evaluated for this model (the cache and the coverage rule see fewer selectors)
             cells = []
             for keep in keeps:
                 v = s.get((name, task, "random" if keep == 1 else sel, keep))
@@ -618,9 +631,9 @@ def write_report(path, figures, s, speed, v, info, models):
     L = [f"# Reproduction of Sparse Context at CPU scale\n",
          f"- date: {info['date']}; machine: {info['machine']}; torch {torch.__version__}",
          f"- command: `{info['command']}`; run time {info['seconds'] / 60:.1f} min "
-         f"({', '.join(f'{k} {v:.0f} s' for k, v in info['stages'].items())}); a stage of a few seconds was "
-         f"cached: the base and the fine-tunes took {', '.join(f'{k} {v:.0f} s' for k, v in info['trained'].items() if v)} "
-         f"when they ran",
+         f"({', '.join(f'{k} {v:.0f} s' for k, v in info['stages'].items())})"
+         + ("" if not info["cached"] else f"; cached from an earlier run: {', '.join(info['cached'])} (they took "
+            + ", ".join(f"{k} {info['trained'][k]:.0f} s" for k in info["cached"]) + " when they ran)"),
          f"- model: `Flux2` {info['cfg']}, {info['params'] / 1e6:.2f}M parameters; base {info['settings']['base_steps']} "
          f"steps x {info['settings']['base_batch']}; every LoRA: `{info['tune_cmd']}` plus its keep flags",
          f"- photographs: test {', '.join(PHOTOS['test'])}; validation {', '.join(PHOTOS['val'])}; training "
@@ -641,7 +654,7 @@ def write_report(path, figures, s, speed, v, info, models):
          ""]  # fmt: skip
     for k, (verd, lines) in v.items():
         L.append(f"**Claim {k}: {verd}.** " + "; ".join(lines) + "\n")
-    L += ["## Tables (PSNR, dB; test photographs)", ""]
+    L += [f"## Tables (PSNR, dB; {info['split']} photographs)", ""]
     for task in TASKS:
         L += [f"### {task}", "", table(s, task, models), "", f"SSIM ({task}):", "", table(s, task, models, "ssim"), ""]
     L += ["## The KV cache", "",
@@ -657,7 +670,18 @@ def write_report(path, figures, s, speed, v, info, models):
         L.append(f"| {r['refs']} | {r['keep']:g} | {r['ref_tokens']} | {'yes' if r['kv'] else 'no'} | {r['seconds']:.4f} | "
                  f"{r['speedup']:.2f}x | {r['ideal']:.2f}x |")
     L += ["", "## Figures", ""] + [f"![{os.path.basename(f)}]({f})" for f in figures]
-    L += ["", "## Beyond the paper: a schedule that keeps dense quality", "", info["mix_note"], ""]
+    L += ["", "## Beyond the paper: a schedule that keeps dense quality", "", info["mix_note"], "",
+          "## Beyond the paper: coverage-first selection", "",
+          "One kept token per cell of a coarse grid, the Canny or saliency map choosing the cells' order and the token "
+          "inside (`select_reference_tokens(..., coverage=True)`), against the paper's rule and random, PSNR at the "
+          "same budget:", ""]  # fmt: skip
+    for task in TASKS:
+        for n in ("drop", "drop-mix"):
+            L.append(f"- {task}, {n}: " + "; ".join(
+                f"keep {k:g} " + " / ".join(f"{sel} {s[(n, task, sel, k)]['psnr'][0]:.2f}±{s[(n, task, sel, k)]['psnr'][1]:.2f}"
+                                            for sel in ("random", AWARE[task], AWARE[task] + "-cover"))
+                for k in (0.1, 0.05) if (n, task, "random", k) in s) + " dB")  # fmt: skip
+    L.append("")
     text = "\n".join(L) + "\n"
     write_text(path, text)
 
@@ -693,8 +717,11 @@ def main(argv=None):
         stages[stage] = time.perf_counter() - sum(stages.values()) - start
 
     cache, base = os.path.join(work, "train-cache"), os.path.join(work, "base.safetensors")
-    if not os.path.isfile(os.path.join(cache, "index.json")):
+    cache_key = json.dumps(dict(train_pool=settings["train_pool"], seed=args.seed))
+    if not (os.path.isfile(cache + ".json") and open(cache + ".json").read() == cache_key):
+        shutil.rmtree(cache, ignore_errors=True)
         write_cache(cache, make_split("train", settings["train_pool"] // 3, args.seed))
+        write_text(cache + ".json", cache_key)  # last: a killed run rebuilds the cache
     val = make_split("val", settings["test_per_task"], 4321)
     test = make_split("test", settings["test_per_task"], 1234) if args.split == "test" else val  # fixed examples and seeds
     lap("world")
@@ -712,7 +739,8 @@ def main(argv=None):
 
     models = {"base": load_model(base)} | {n: load_model(base, os.path.join(runs[n], "pytorch_lora_weights.safetensors")) for n in TUNES}
     # Validation: choose between drop and drop-mix (dense quality at keep 1, and keep 0.1).
-    val_res, _, _ = evaluate({n: models[n] for n in ("drop", "drop-mix")}, val, dict(settings, seeds=1))
+    scored = [(t, "random", 1.0, "uniform") for t in TASKS] + [(t, AWARE[t], 0.1, "uniform") for t in TASKS]
+    val_res, _, _ = evaluate({n: models[n] for n in ("drop", "drop-mix")}, val, dict(settings, seeds=1), configs=scored)
     vs = summarize(val_res)
     score = lambda n: np.mean([vs[(n, t, "random", 1.0)]["psnr"][0] + vs[(n, t, AWARE[t], 0.1)]["psnr"][0] for t in TASKS])
     chosen = max(("drop", "drop-mix"), key=score)
@@ -742,10 +770,11 @@ def main(argv=None):
                             for t in TASKS) + " dB.")  # fmt: skip
     lap("report")
     info = dict(date=datetime.datetime.now().isoformat(timespec="seconds"), machine=f"{platform.processor() or platform.machine()}, "
-                f"{torch.get_num_threads()} threads", command="python reproduce.py" + (" --quick" if args.quick else ""),
+                f"{torch.get_num_threads()} threads", command=shlex.join(["python", "reproduce.py", *(sys.argv[1:] if argv is None else argv)]),
                 seconds=time.perf_counter() - start, stages=stages, cfg=settings["cfg"], settings=settings,
                 params=sum(p.numel() for p in models["base"].parameters()), trained=trained, tune_cmd=shlex.join(tune_command("drop", base, cache, "OUT", settings, args.seed)),
-                mix_note=mix_note)  # fmt: skip
+                mix_note=mix_note, split=args.split, cached=[k for k, st in (("base", status), ("fine-tunes", statuses))
+                                                             if "trained" not in st])  # fmt: skip
     write_report(os.path.join(report, "REPRODUCTION.md"), figures, s, speed, v, info, names + ("base-kv", "drop-kv"))
     results_json = {"|".join(map(str, k)): v for k, v in s.items()}
     write_text(os.path.join(report, "reproduction", "results.json"),

@@ -97,6 +97,18 @@ def test_quick_per_image_section_replaces_its_own(tmp_path):
     assert diff < 1e-4  # ours with every reference token + KV computes what diffusers' KV loop computes
 
 
+def test_end_to_end_per_image_times_every_run(monkeypatch):
+    """The end-to-end part of --per-image (tiny pipeline from disk: ours dense, ours keep 0.1 + KV,
+    diffusers' KV pipeline) times every N it is given, each round logged."""
+    monkeypatch.setattr(bench, "PER_IMAGE", {1: (1, 1), 2: (1, 2)})
+    logged = []
+    rows = bench.end_to_end_per_image(2, logged.append)
+    assert [(r["n"], r["prompts"], r["seeds"]) for r in rows] == [(1, 1, 1), (2, 1, 2)]
+    for r in rows:
+        assert all(0 < r[w] < 60 for w in ("dense", "sparse_kv", "diffusers_kv")), r
+    assert logged == ["  end to end: round 1/2 done", "  end to end: round 2/2 done"]
+
+
 @pytest.mark.parametrize("args,message", [
     (["--refs", "0"], "--refs"), (["--rounds", "0"], "--rounds"), (["--threads", "0"], "--threads"),
     (["--size", "100"], "--size"), (["--size", "0"], "--size"), (["--text-tokens", "0"], "--text-tokens"),

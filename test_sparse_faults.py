@@ -34,15 +34,6 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 CLIS = {"train": train.main, "data": data.main, "selectors": token_selectors.main}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One thread: as fast for tiny models, and forked children never meet a half-started thread pool."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def train_args(root, data_path, out, *extra):
     return ["--model", str(root), "--data", str(data_path), "--out", str(out), "--steps", "4", "--save-every", "2",
             "--rank", "2", "--lr", "2e-3", "--warmup", "2", "--keep-all-prob", "0.5", *extra]  # fmt: skip

@@ -91,3 +91,25 @@ def test_evaluation_of_a_model_on_its_training_example_beats_noise():
     key = ("m", "edit", "random", 1.0, 0)
     assert own[key]["psnr"] > on_noise[key]["psnr"] + 3
     assert own[key]["ssim"] > on_noise[key]["ssim"]
+
+
+def test_a_fine_tune_is_reused_only_for_the_same_base_and_command(tmp_path, monkeypatch):
+    settings, out, calls = R.SETTINGS["quick"], tmp_path / "runs" / "drop", []
+
+    def train_py(cmd, **kwargs):  # stands in for the train.py subprocess: a finished run's files
+        calls.append(cmd)
+        out.mkdir(exist_ok=True)
+        torch.save({"step": settings["tune_steps"]}, out / "checkpoint.pt")
+        (out / "pytorch_lora_weights.safetensors").write_bytes(b"lora")
+
+    monkeypatch.setattr(R.subprocess, "run", train_py)
+    args = ("drop", str(tmp_path / "base.safetensors"), str(tmp_path / "cache"), str(out))
+    assert R.fine_tune(*args, settings, 0)[1] == "trained" and "--resume" not in calls[-1]
+    assert R.fine_tune(*args, settings, 0)[1] == "cached" and len(calls) == 1
+    torch.save({"step": 1}, out / "checkpoint.pt")  # killed after its first checkpoint
+    assert R.fine_tune(*args, settings, 0)[1] == "trained" and calls[-1][-1] == "--resume"
+    (out / "old.txt").write_text("from the run on the previous base")
+    new_base = dict(settings, base_steps=settings["base_steps"] + 1)
+    assert R.fine_tune(*args, new_base, 0)[1] == "trained" and "--resume" not in calls[-1]
+    assert not (out / "old.txt").exists() and len(calls) == 3
+    assert R.fine_tune(*args, settings, 1)[1] == "trained" and len(calls) == 4  # another seed: another command

@@ -24,16 +24,6 @@ HIDDEN = 32  # tiny Qwen3: prompt embeddings are 3 x 32 = 96 wide
 ONE_THREAD = dict(os.environ, OMP_NUM_THREADS="1")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from threads, and on a busy machine every parallel op waits for a starved
-    thread (a tiny transformer forward: 3 ms on one thread, 480 ms on two at load 3)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def make_pipeline_folder(root, distilled):
     """A klein repository folder written by diffusers' own save_pretrained."""
     tokenizer, text_encoder = make_tiny_text_encoder_repo(root, hidden_size=HIDDEN)

@@ -18,15 +18,6 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 PHOTOS = ["astronaut", "camera", "coffee", "chelsea", "rocket", "coins"]  # shipped with skimage
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # small tensors: on a shared, busy CPU, torch's thread pool stalls more than it helps
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @functools.cache
 def photo(name):
     """skimage photo as (H, W, 3) RGB uint8 (grey ones stacked)."""

@@ -28,15 +28,6 @@ from vae import AutoEncoder
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models: one thread is as fast, and immune to OpenMP oversubscription on a busy CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def rel_err(a, b):
     return ((a - b).abs().max() / b.abs().max()).item()
 
