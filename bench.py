@@ -151,6 +151,19 @@ def seconds(fn, device):
     return time.perf_counter() - start
 
 
+def best_of_rounds(jobs, rounds, device, log, label):
+    """Each job's minimum time over rounds. Every job runs once per round, dense and sparse interleaved,
+    the order reversed on odd rounds so slow drift hits both; other work on a shared machine only ever
+    adds time, hence the minimum."""
+    times = {k: [] for k in jobs}
+    order = list(jobs)
+    for r in range(rounds):
+        for k in order if r % 2 == 0 else order[::-1]:
+            times[k].append(seconds(jobs[k], device))
+        log(f"  {label}: round {r + 1}/{rounds} done")
+    return {k: min(v) for k, v in times.items()}
+
+
 @contextlib.contextmanager
 def silenced():
     """Send stdout and stderr to /dev/null at the file-descriptor level, so that the profiler's own C++
@@ -239,15 +252,7 @@ def bench_refs(model, twin, n_refs, args, device, dtype, log):
         ours, theirs = jobs["fwd", 1.0, "none"]().float(), jobs["diffusers", 1.0, "none"]()[0][:, :n_img].float()
         err = ((ours - theirs).abs().max() / theirs.abs().max()).item()
 
-    # Rounds: every job once per round, dense and sparse interleaved, order reversed on odd rounds so
-    # slow drift hits both. Other work on a shared machine only ever adds time: keep each job's minimum.
-    times = {k: [] for k in jobs}
-    order = list(jobs)
-    for r in range(args.rounds):
-        for k in order if r % 2 == 0 else order[::-1]:
-            times[k].append(seconds(jobs[k], device))
-        log(f"  {n_refs} refs: round {r + 1}/{args.rounds} done")
-    best = {k: min(v) for k, v in times.items()}
+    best = best_of_rounds(jobs, args.rounds, device, log, f"{n_refs} refs")
 
     rows = []
     for keep in KEEPS:
@@ -488,13 +493,7 @@ def bench_per_image(model, twin, args, device, dtype, log):
         err = ((ours - theirs).abs().max() / theirs.abs().max()).item()
     for fn in jobs.values():  # warm-up, untimed
         fn()
-    times = {k: [] for k in jobs}
-    order = list(jobs)
-    for r in range(args.rounds):
-        for k in order if r % 2 == 0 else order[::-1]:
-            times[k].append(seconds(jobs[k], device))
-        log(f"  per image: round {r + 1}/{args.rounds} done")
-    per = {k: min(v) / k[0] for k, v in times.items()}
+    per = {k: t / k[0] for k, t in best_of_rounds(jobs, args.rounds, device, log, "per image").items()}
     rows = [dict(n=n, prompts=p, seeds=s, **{what: per.get((n, what)) for what in ("dense", "sparse_kv", "cached", "diffusers_kv")})
             for n, (p, s) in PER_IMAGE.items()]  # fmt: skip
     return rows, err
@@ -533,12 +532,8 @@ def end_to_end_per_image(rounds, log):
             jobs[n, "diffusers_kv"] = functools.partial(diffusers_run, n_prompts, n_seeds)
         for fn in jobs.values():
             fn()
-        times = {k: [] for k in jobs}
-        for r in range(rounds):
-            for k in jobs:
-                times[k].append(seconds(jobs[k], torch.device("cpu")))
-            log(f"  end to end: round {r + 1}/{rounds} done")
-    per = {k: min(v) / k[0] for k, v in times.items()}
+        best = best_of_rounds(jobs, rounds, torch.device("cpu"), log, "end to end")
+    per = {k: t / k[0] for k, t in best.items()}
     return [dict(n=n, prompts=p, seeds=s, **{w: per[n, w] for w in ("dense", "sparse_kv", "diffusers_kv")})
             for n, (p, s) in PER_IMAGE.items()]  # fmt: skip
 

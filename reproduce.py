@@ -29,7 +29,6 @@ validation-chosen schedule that also keeps dense quality. Evaluation: the sample
 
 import argparse
 import datetime
-import hashlib
 import json
 import math
 import os
@@ -44,7 +43,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from tqdm import tqdm
 
 import lora
@@ -52,7 +51,7 @@ from bench import loop_flops
 from compare import psnr, ssim
 from data import CachedDataset, text_file, write_atomic
 from model import Flux2, Flux2Config, KVCache
-from sample import denoise, grid_ids, schedule, text_ids
+from sample import denoise, grid_ids, schedule, text_ids, write_text_atomic
 from token_selectors import draw_selection, select_reference_tokens
 from train import flow_matching_loss, forward_groups, generator, training_example
 
@@ -225,12 +224,7 @@ def write_cache(folder, examples):
         grid = [SIZE // 16, SIZE // 16]
         index.append(dict(latents=latents, text=text, target=grid, references=[grid] * len(ex["refs"]),
                           task="edit" if ex["task"] == "edit" else "subject", line=i + 1, photos=ex["photos"]))  # fmt: skip
-
-    def write_index(tmp):
-        with open(tmp, "w") as f:
-            json.dump(index, f)
-
-    write_atomic(os.path.join(folder, "index.json"), write_index)
+    write_text_atomic(os.path.join(folder, "index.json"), json.dumps(index))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -241,6 +235,14 @@ def base_config(settings):
     c = settings["cfg"]
     head = c["hidden_size"] // c["num_heads"]
     return Flux2Config(in_channels=CHANNELS, context_dim=CONTEXT, axes_dim=(head // 4,) * 4, **c)
+
+
+def stamped(path, key):
+    """Whether the stamp file at path records key: what a cached stage was made from."""
+    if not os.path.isfile(path):
+        return False
+    with open(path, encoding="utf-8") as f:
+        return f.read() == key
 
 
 def base_key(settings, seed):
@@ -287,15 +289,14 @@ def fine_tune(name, base, cache, out, settings, seed):
     lora_file, checkpoint = os.path.join(out, "pytorch_lora_weights.safetensors"), os.path.join(out, "checkpoint.pt")
     cmd, marker = tune_command(name, base, cache, out, settings, seed), out + ".json"
     key = json.dumps(dict(command=cmd, base=base_key(settings, seed)))  # a new base or command: a new run
-    if os.path.isfile(marker) and open(marker).read() == key and os.path.isfile(checkpoint):
+    if stamped(marker, key) and os.path.isfile(checkpoint):
         state = torch.load(checkpoint, map_location="cpu", weights_only=True)
         if state["step"] == settings["tune_steps"] and os.path.isfile(lora_file):
             return cmd, "cached"
         cmd = cmd + ["--resume"]  # a killed run goes on from its last checkpoint
     else:
         shutil.rmtree(out, ignore_errors=True)
-        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-        write_text(marker, key)
+        write_text_atomic(marker, key)
     here = os.path.dirname(os.path.abspath(__file__))
     absolute = [os.path.abspath(a) if a in (base, cache, out) else a for a in cmd]  # train.py runs from here
     env = dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads()))  # train.py uses this run's --threads
@@ -582,14 +583,6 @@ def plot_speed(path, s, speed, models):
     save_figure(fig, path)
 
 
-def write_text(path, text):
-    def write(tmp):
-        with open(tmp, "w") as f:
-            f.write(text)
-
-    write_atomic(path, write)
-
-
 def save_figure(fig, path):
     import matplotlib.pyplot as plt
 
@@ -683,7 +676,7 @@ def write_report(path, figures, s, speed, v, info, models):
                 for k in (0.1, 0.05) if (n, task, "random", k) in s) + " dB")  # fmt: skip
     L.append("")
     text = "\n".join(L) + "\n"
-    write_text(path, text)
+    write_text_atomic(path, text)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -718,10 +711,10 @@ def main(argv=None):
 
     cache, base = os.path.join(work, "train-cache"), os.path.join(work, "base.safetensors")
     cache_key = json.dumps(dict(train_pool=settings["train_pool"], seed=args.seed))
-    if not (os.path.isfile(cache + ".json") and open(cache + ".json").read() == cache_key):
+    if not stamped(cache + ".json", cache_key):
         shutil.rmtree(cache, ignore_errors=True)
         write_cache(cache, make_split("train", settings["train_pool"] // 3, args.seed))
-        write_text(cache + ".json", cache_key)  # last: a killed run rebuilds the cache
+        write_text_atomic(cache + ".json", cache_key)  # last: a killed run rebuilds the cache
     val = make_split("val", settings["test_per_task"], 4321)
     test = make_split("test", settings["test_per_task"], 1234) if args.split == "test" else val  # fixed examples and seeds
     lap("world")
@@ -735,7 +728,7 @@ def main(argv=None):
     statuses = [fine_tune(name, base, cache, runs[name], settings, args.seed)[1] for name in TUNES]
     lap("fine-tunes")
     trained["fine-tunes"] = stages["fine-tunes"] if "trained" in statuses else trained.get("fine-tunes")
-    write_text(timings, json.dumps(trained))
+    write_text_atomic(timings, json.dumps(trained))
 
     models = {"base": load_model(base)} | {n: load_model(base, os.path.join(runs[n], "pytorch_lora_weights.safetensors")) for n in TUNES}
     # Validation: choose between drop and drop-mix (dense quality at keep 1, and keep 0.1).
@@ -777,7 +770,7 @@ def main(argv=None):
                                                              if "trained" not in st])  # fmt: skip
     write_report(os.path.join(report, "REPRODUCTION.md"), figures, s, speed, v, info, names + ("base-kv", "drop-kv"))
     results_json = {"|".join(map(str, k)): v for k, v in s.items()}
-    write_text(os.path.join(report, "reproduction", "results.json"),
+    write_text_atomic(os.path.join(report, "reproduction", "results.json"),
                json.dumps(dict(summary=results_json, speed=speed, verdicts=v, info=info), indent=1))
     for k, (verd, lines) in v.items():
         print(f"claim {k}: {verd}: " + "; ".join(lines))
