@@ -432,13 +432,14 @@ def evaluate(models, examples, settings, kv_models=(), configs=None):
     return results, images, truth
 
 
-def grey_floor(examples):
-    """{task: PSNR and SSIM of a uniform mid-grey image}: what a model that ignores its inputs starts from."""
+def grey_floor(examples, truth):
+    """{task: PSNR and SSIM of a uniform mid-grey image against the true targets (evaluate's truth)}:
+    what a model that ignores its inputs starts from."""
     out = {}
     for task in TASKS:
-        truth = decode(torch.stack([as_item(ex)["target"] for ex in examples if ex["task"] == task]))
-        grey = torch.full_like(truth, 0.5)
-        out[task] = dict(psnr=psnr(grey, truth).mean().item(), ssim=ssim(grey, truth).mean().item())
+        t = truth[[i for i, ex in enumerate(examples) if ex["task"] == task]]
+        grey = torch.full_like(t, 0.5)
+        out[task] = dict(psnr=psnr(grey, t).mean().item(), ssim=ssim(grey, t).mean().item())
     return out
 
 
@@ -646,7 +647,7 @@ def image_grid(path, task, examples, images, truth, rows=4):
 
 
 def write_report(path, figures, s, speed, v, info, models):
-    L = [f"# Reproduction of Sparse Context at CPU scale\n",
+    L = ["# Reproduction of Sparse Context at CPU scale\n",
          f"- date: {info['date']}; machine: {info['machine']}; torch {torch.__version__}",
          f"- command: `{info['command']}`; run time {info['seconds'] / 60:.1f} min "
          f"({', '.join(f'{k} {v:.0f} s' for k, v in info['stages'].items())})"
@@ -794,7 +795,7 @@ def main(argv=None):
                 f"{torch.get_num_threads()} threads", command=shlex.join(["python", "reproduce.py", *(sys.argv[1:] if argv is None else argv)]),
                 seconds=time.perf_counter() - start, stages=stages, cfg=settings["cfg"], settings=settings,
                 params=sum(p.numel() for p in models["base"].parameters()), trained=trained, tune_cmd=shlex.join(tune_command("drop", base, cache, "OUT", settings, args.seed)),
-                mix_note=mix_note, split=args.split, floor=grey_floor(test), cached=[k for k, st in (("base", status), ("fine-tunes", statuses))
+                mix_note=mix_note, split=args.split, floor=grey_floor(test, truth), cached=[k for k, st in (("base", status), ("fine-tunes", statuses))
                                                              if "trained" not in st])  # fmt: skip
     write_report(os.path.join(report, "REPRODUCTION.md"), figures, s, speed, v, info, names + ("base-kv", "drop-kv"))
     results_json = {"|".join(map(str, k)): v for k, v in s.items()}
