@@ -30,14 +30,15 @@ from pathlib import Path
 
 import torch
 
-from model import ArgumentParser, Flux2, Flux2Config, KVCache, write_atomic
-from sample import (check_number, check_writable, denoise, expand_cache, generate, grid_ids, initial_noise, resolve_device,
-                    sample_latents, schedule, text_ids, write_text_atomic)  # fmt: skip
+from files import DTYPES, ArgumentParser, check_number, check_writable, resolve_device, write_atomic
+from model import Flux2, Flux2Config, KVCache
+from pipeline import (denoise, expand_cache, gather_references, generate, grid_ids, initial_noise, sample_latents, schedule,
+                      synchronize, text_ids)  # fmt: skip
+from token_selectors import n_keep
 
 REFS = (1, 2, 4, 6)
 KEEPS = (1.0, 0.25, 0.1, 0.05)
 STEPS = 4
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def bench_config(quick=False):
@@ -77,10 +78,6 @@ def loop_flops(cfg, n_txt, n_img, n_ref, kv, steps=STEPS):
     if not kv:
         return steps * forward_flops(cfg, n_txt, n_img, n_ref, "full")
     return forward_flops(cfg, n_txt, n_img, n_ref, "extract") + (steps - 1) * forward_flops(cfg, n_txt, n_img, n_ref, "cached")
-
-
-def kept(tokens, keep):
-    return max(1, round(keep * tokens))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -138,16 +135,11 @@ def reuse_freed_memory():
     return bool(libc.mallopt(M_MMAP_THRESHOLD, 2**30) and libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
 
 
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
 def seconds(fn, device):
-    sync(device)
+    synchronize(device)
     start = time.perf_counter()
     fn()
-    sync(device)
+    synchronize(device)
     return time.perf_counter() - start
 
 
@@ -186,11 +178,11 @@ def silenced():
 def peak_bytes(fn, device):
     """Peak bytes torch allocates during fn() above what was live before (weights and inputs excluded)."""
     if device.type == "cuda":
-        sync(device)
+        synchronize(device)
         base = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
         fn()
-        sync(device)
+        synchronize(device)
         return torch.cuda.max_memory_allocated() - base
     # The CPU allocator keeps no statistics: replay the profiler's allocation and free events in order.
     from torch.profiler import ProfilerActivity, profile
@@ -230,11 +222,8 @@ def bench_refs(model, twin, n_refs, args, device, dtype, log):
             img_ids=torch.cat([img_ids, ref_ids]), txt_ids=txt_ids, return_dict=False,
         )  # fmt: skip
     for keep in KEEPS:
-        parts = []
-        for r, ids in refs:  # row selection: a kept token keeps its own id
-            idx = torch.randperm(n_img, generator=g)[: kept(n_img, keep)].sort().values.to(device)
-            parts.append((r[:, idx], ids[idx]))
-        ref, ref_ids = torch.cat([p[0] for p in parts], 1), torch.cat([p[1] for p in parts])
+        idx = [torch.randperm(n_img, generator=g)[: n_keep(keep, n_img)].sort().values for _ in refs]
+        ref, ref_ids = gather_references(refs, idx)  # row selection: a kept token keeps its own id
         fwd = functools.partial(model, img, img_ids, txt, txt_ids, t, ref=ref, ref_ids=ref_ids)
         cache = KVCache()
         fwd(kv_cache=cache)  # fills the cache for the cached-step timing (and warms the extract shapes)
@@ -256,7 +245,7 @@ def bench_refs(model, twin, n_refs, args, device, dtype, log):
 
     rows = []
     for keep in KEEPS:
-        n_ref = n_refs * kept(n_img, keep)
+        n_ref = n_refs * n_keep(keep, n_img)
         dense_n = n_refs * n_img
         for cache in ("none", "kv"):
             kv = cache == "kv"
@@ -380,7 +369,7 @@ def write_markdown(path, rows, dense, args, cfg, device, dtype, command, load, m
             "",
         ]
     out += ["## Targets", "", *target_lines(rows, dense), ""]
-    write_text_atomic(path, "\n".join(out))
+    write_atomic(path, "\n".join(out))
 
 
 def plot(path, rows, refs):
@@ -464,10 +453,9 @@ def bench_per_image(model, twin, args, device, dtype, log):
     g = torch.Generator().manual_seed(0)
     rand = lambda *shape: torch.randn(*shape, generator=g).to(device, dtype)
     refs = [(rand(1, n_img, cfg.in_channels), grid_ids(side, side, t=10 * (k + 1)).to(device)) for k in range(PER_IMAGE_REFS)]
-    ref, ref_ids = torch.cat([r for r, _ in refs], 1), torch.cat([i for _, i in refs])
-    rows = torch.cat([torch.randperm(n_img, generator=g)[: kept(n_img, PER_IMAGE_KEEP)].sort().values + k * n_img
-                      for k in range(PER_IMAGE_REFS)]).to(device)  # fmt: skip
-    sparse, sparse_ids = ref[:, rows], ref_ids[rows]
+    ref, ref_ids = gather_references(refs, [None] * PER_IMAGE_REFS)
+    kept = [torch.randperm(n_img, generator=g)[: n_keep(PER_IMAGE_KEEP, n_img)].sort().values for _ in refs]
+    sparse, sparse_ids = gather_references(refs, kept)
     prompts = [f"prompt {i}" for i in range(4)]
     txts = {p: rand(1, n_txt, cfg.context_dim) for p in prompts}
     img_ids, txt_ids, sigmas = grid_ids(side, side).to(device), text_ids(n_txt).to(device), schedule(STEPS, n_img).to(device)
@@ -506,7 +494,7 @@ def end_to_end_per_image(rounds, log):
     try:
         from diffusers import Flux2KleinKVPipeline, Flux2KleinPipeline
 
-        from test_sparse_sample import make_pipeline_folder, photo
+        from tiny import make_pipeline_folder, photo
     except ImportError:
         return None
     prompts = [f"a photo of thing {i}" for i in range(4)]
@@ -548,7 +536,7 @@ def per_image_section(rows, err, e2e, args, cfg, device, dtype, command, seconds
         f"{device.type}, {str(dtype).removeprefix('torch.')}",
         f"- command: `{command}` ({seconds_taken / 60:.1f} min)",
         f"- N images = prompts x seeds (1 x 1, 1 x 4, 4 x 4), all N in one batch, {PER_IMAGE_REFS} references, {STEPS} steps; "
-        f"keep {PER_IMAGE_KEEP:g} + KV: {PER_IMAGE_REFS} x {kept(side * side, PER_IMAGE_KEEP)} reference tokens, their K/V "
+        f"keep {PER_IMAGE_KEEP:g} + KV: {PER_IMAGE_REFS} x {n_keep(PER_IMAGE_KEEP, side * side)} reference tokens, their K/V "
         "extracted once per run by one image and shared by all (expanded, not recomputed). Each time is the minimum of "
         f"{args.rounds} round(s) after a warm-up, divided by N.",
         "",
@@ -671,7 +659,7 @@ def main(argv=None):
         rows, err = bench_per_image(model, twin and set_kv_processors(twin), args, device, dtype, log)
         e2e = None if args.no_diffusers or args.quick else end_to_end_per_image(args.rounds, log)
         section = per_image_section(rows, err, e2e, args, cfg, device, dtype, command, time.perf_counter() - start)
-        write_text_atomic(args.out_md, replace_section(args.out_md, section))
+        write_atomic(args.out_md, replace_section(args.out_md, section))
         log(section)
         log(f"wrote {args.out_md}")
         return

@@ -26,11 +26,11 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
-from model import ArgumentParser, Flux2
-from sample import (add_common_args, check_common, check_number, check_sampling, check_writable_folder, decode_latents,
-                    encode_prompts, encode_references, fail, free, gather_references, is_distilled, load_references,
-                    output_size, resolve_device, resolve_source, sample_latents, save_image_atomic, select_references,
-                    warn_slow_dtype, write_text_atomic)  # fmt: skip
+from files import ArgumentParser, check_number, check_writable_folder, fail, write_atomic
+from model import Flux2
+from pipeline import (add_common_args, check_common, check_sampling, decode_latents, encode_prompts, encode_references,
+                      gather_references, load_references, loaded, output_size, resolve_device, resolve_source,
+                      sample_latents, sampling_defaults, select_references, synchronize, warn_slow_dtype)  # fmt: skip
 from text_encoder import TextEncoder
 from token_selectors import draw_selection
 from vae import AutoEncoder
@@ -118,17 +118,17 @@ def sweep(model, prompt, refs, keeps, selectors, seed=0, steps=None, guidance=No
     image and fidelity to the dense image. The transformer runs an untimed one-step warm-up first.
     """
     images = load_references(refs)
-    check_sampling([prompt], [seed], len(images), steps, guidance, height, width, list(keeps), uniform_mix, budget,
+    # the sweep's keeps are one column each, every reference keeping that fraction: not per-reference keeps
+    check_sampling([prompt], [seed], len(images), steps, guidance, height, width, 1.0, uniform_mix, budget,
                    kv_cache, None, lora, lora_scale, 1)  # fmt: skip
+    for k in keeps:
+        check_number("--keeps", k, 0, 1, low_open=True)
     if not images:
         raise ValueError("compare needs at least one reference image (--ref)")
     device, dtype = resolve_device(device, dtype)
     folder = resolve_source(model)
-    distilled = is_distilled(folder)
-    steps = steps or (4 if distilled else 50)
-    guidance = (1.0 if distilled else 4.0) if guidance is None else guidance
+    steps, guidance = sampling_defaults(folder, steps, guidance)
     h, w = output_size(images, height, width)
-    sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
 
     points = [Point("dense", 1.0, kept=[None] * len(images))]
     for selector in selectors:
@@ -138,36 +138,28 @@ def sweep(model, prompt, refs, keeps, selectors, seed=0, steps=None, guidance=No
             points.append(Point(selector, keep, seconds=time.perf_counter() - start, kept=kept))
 
     with torch.no_grad():
-        text = TextEncoder.from_pretrained(folder, dtype=dtype, device=device)
-        txts = encode_prompts(text, [prompt], 1)
-        neg = text.encode([""]) if guidance > 1 else None
-        free(text)
-        vae = AutoEncoder.from_pretrained(folder, dtype=dtype, device=device)
-        encoded = encode_references(vae, images, device, dtype)  # once: every point drops from the same tokens
-        free(vae)
-        transformer = Flux2.from_pretrained(folder, dtype=dtype, device=device)
-        if lora:
-            from lora import load_lora
-
-            load_lora(transformer, lora, scale=lora_scale)
-        job = [(prompt, seed)]
-        ref, ref_ids = gather_references(encoded, points[0].kept)
-        sample_latents(transformer, job, txts, h, w, 1, ref, ref_ids, kv_cache, guidance, neg)  # warm-up
-        latents = []
-        for i, pt in enumerate(points):
-            ref, ref_ids = gather_references(encoded, pt.kept)
-            pt.ref_tokens = ref.shape[1]
-            sync()
-            start = time.perf_counter()
-            latents += sample_latents(transformer, job, txts, h, w, steps, ref, ref_ids, kv_cache, guidance, neg,
-                                      progress=progress and f"{pt.selector} keep {pt.keep:g}")  # fmt: skip
-            sync()
-            pt.seconds += time.perf_counter() - start
-        free(transformer)
-        vae = AutoEncoder.from_pretrained(folder, dtype=dtype, device=device)
-        for pt, image in zip(points, decode_latents(vae, latents, h, w)):
-            pt.image = image
-        free(vae)
+        with loaded(TextEncoder, folder, dtype, device) as text:
+            txts = encode_prompts(text, [prompt], 1)
+            neg = text.encode([""]) if guidance > 1 else None
+        with loaded(AutoEncoder, folder, dtype, device) as vae:
+            encoded = encode_references(vae, images, device, dtype)  # once: every point drops from the same tokens
+        with loaded(Flux2, folder, dtype, device, lora, lora_scale) as transformer:
+            job = [(prompt, seed)]
+            ref, ref_ids = gather_references(encoded, points[0].kept)
+            sample_latents(transformer, job, txts, h, w, 1, ref, ref_ids, kv_cache, guidance, neg)  # warm-up
+            latents = []
+            for pt in points:
+                ref, ref_ids = gather_references(encoded, pt.kept)
+                pt.ref_tokens = ref.shape[1]
+                synchronize(device)
+                start = time.perf_counter()
+                latents += sample_latents(transformer, job, txts, h, w, steps, ref, ref_ids, kv_cache, guidance, neg,
+                                          progress=progress and f"{pt.selector} keep {pt.keep:g}")  # fmt: skip
+                synchronize(device)
+                pt.seconds += time.perf_counter() - start
+        with loaded(AutoEncoder, folder, dtype, device) as vae:
+            for pt, image in zip(points, decode_latents(vae, latents, h, w)):
+                pt.image = image
     dense = pixels(points[0].image)
     for pt in points[1:]:
         pt.psnr, pt.ssim = psnr(pixels(pt.image), dense).item(), ssim(pixels(pt.image), dense).item()
@@ -225,7 +217,7 @@ def table_rows(points):
 
 
 def markdown(rows, settings):
-    out = [f"# Sparse Context comparison", "", *(f"- {k}: {v}" for k, v in settings.items()), "",
+    out = ["# Sparse Context comparison", "", *(f"- {k}: {v}" for k, v in settings.items()), "",
            "Seconds per image: token selection plus the transformer's denoising (text encoding and VAE work are the "
            "same for every point); speedup over dense; PSNR and SSIM against the dense image (same seed).", "",
            "| selector | keep | ref tokens | s / image | speedup | PSNR dB | SSIM |", "|---|---|---|---|---|---|---|"]  # fmt: skip
@@ -286,10 +278,10 @@ def main(argv=None):
     files[os.path.join(args.out_dir, "sheet.png")] = contact_sheet(refs, points, args.keeps, args.selectors)
     try:
         for path, image in files.items():
-            save_image_atomic(image, path)
+            write_atomic(path, image)
         md, js = os.path.join(args.out_dir, "compare.md"), os.path.join(args.out_dir, "compare.json")
-        write_text_atomic(md, markdown(rows, settings))
-        write_text_atomic(js, json.dumps(dict(settings=settings, points=rows), indent=1) + "\n")
+        write_atomic(md, markdown(rows, settings))
+        write_atomic(js, json.dumps(dict(settings=settings, points=rows), indent=1) + "\n")
     except OSError as e:
         fail(e)
     print(markdown(rows, settings).split("\n\n", 2)[2].split("\n\n", 1)[1], end="")

@@ -1,5 +1,9 @@
+"""Fixtures every test file may use; the builders behind them live in tiny.py."""
+
 import pytest
 import torch
+
+import tiny
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -11,3 +15,11 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def klein(tmp_path_factory):
+    """(repository folder, manifest, latent cache) of tiny.make_training_repo."""
+    root = tmp_path_factory.mktemp("klein")
+    manifest, cache = tiny.make_training_repo(root)
+    return root, manifest, cache

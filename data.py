@@ -11,6 +11,8 @@ transformer (a 4B text encoder and the VAE never sit next to it):
     DIR/text/<sha1 of prompt>.safetensors  txt: (512, 3 * hidden); equal prompts share one file
 
     python data.py data/train.jsonl --model black-forest-labs/FLUX.2-klein-base-4B --out cache/
+
+May import: files, pipeline (klein's image preparation), vae, text_encoder. No other script.
 """
 
 import hashlib
@@ -22,11 +24,11 @@ from dataclasses import dataclass
 import torch
 from PIL import Image
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from tqdm import tqdm
 
-from model import ArgumentParser, check_file, field, read_json, remove_stale_temps, write_atomic
-from sample import load_image, prepare_reference, to_tensor
+from files import ArgumentParser, check_file, field, load_image, read_json, remove_stale_temps, resolve_device, write_atomic
+from pipeline import prepare_reference, to_tensor
 
 TASKS = ("edit", "subject")
 MIN_AREA, MAX_AREA = 64 * 64, 8192 * 8192  # klein's smallest reference side is 64 px
@@ -192,7 +194,7 @@ def cache_dataset(manifest, vae, text_encoder, out_dir, max_area=1024 * 1024, sk
             z = {n: vae.encode(to_tensor(im))[0].cpu().contiguous() for n, im in zip(names, images)}  # (128, h, w)
             if not all(torch.isfinite(v).all() for v in z.values()):
                 raise ValueError(f"{manifest} line {ex.line}: the VAE gave non-finite latents (check the VAE weights)")
-            write_atomic(path, lambda tmp: save_file(z, tmp, metadata={"source": source}))
+            write_atomic(path, z, metadata={"source": source})
             encoded += 1
         text = text_file(ex.prompt)
         prompts.add(text)
@@ -200,19 +202,14 @@ def cache_dataset(manifest, vae, text_encoder, out_dir, max_area=1024 * 1024, sk
             txt = text_encoder.encode([ex.prompt])[0].cpu().contiguous()  # (512, 3 * hidden)
             if not torch.isfinite(txt).all():
                 raise ValueError(f"{manifest} line {ex.line}: the text encoder gave non-finite values (check its weights)")
-            write_atomic(os.path.join(out_dir, text), lambda tmp: save_file({"txt": txt}, tmp))
+            write_atomic(os.path.join(out_dir, text), {"txt": txt})
         target, refs = grids(header(path)[0])
         index.append(dict(latents=latents, text=text, target=target, references=refs, task=ex.task, line=ex.line))
     if skipped:
         print(f"skipped {skipped} example(s) whose images failed to load", file=sys.stderr)
     if not index:
         raise ManifestError(f"{manifest}: no example could be cached")
-
-    def write_index(tmp):
-        with open(tmp, "w") as f:
-            json.dump(index, f, indent=1)
-
-    write_atomic(os.path.join(out_dir, "index.json"), write_index)
+    write_atomic(os.path.join(out_dir, "index.json"), json.dumps(index, indent=1))
     if progress:
         print(f"cached {len(index)} examples in {out_dir}: {encoded} encoded, {len(index) - encoded} already cached, "
               f"{skipped} skipped; {len(prompts)} distinct prompts")
@@ -302,19 +299,6 @@ class CachedDataset:
         return out
 
 
-def parse_device(name):
-    """torch.device of --device, if this machine has it: one error otherwise, not a traceback later."""
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ValueError(f"--device: unknown device {name!r}; use cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not (torch.cuda.is_available() and (device.index or 0) < torch.cuda.device_count()):
-        raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"--device {name}: only cpu and cuda are supported")
-    return device
-
-
 def check_max_area(max_area):
     if not MIN_AREA <= max_area <= MAX_AREA:
         raise ValueError(f"--max-area must be in [{MIN_AREA}, {MAX_AREA}] pixels (64x64 to 8192x8192), got {max_area}")
@@ -328,11 +312,11 @@ def main(argv=None):
     p.add_argument("--out", required=True, help="cache folder (created; an existing one is resumed)")
     p.add_argument("--max-area", type=int, default=1024 * 1024, help="largest image area in pixels; larger ones are resized")
     p.add_argument("--skip-bad", action="store_true", help="skip bad manifest lines instead of stopping")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="device for the encoders")
+    p.add_argument("--device", default=None, help="device for the encoders: cpu, cuda, cuda:N (default: cuda if available, else cpu)")
     args = p.parse_args(argv)
     try:
         check_max_area(args.max_area)
-        encode_manifest(args.manifest, args.model, args.out, args.max_area, args.skip_bad, parse_device(args.device))
+        encode_manifest(args.manifest, args.model, args.out, args.max_area, args.skip_bad, resolve_device(args.device)[0])
     except (ValueError, OSError) as e:
         sys.exit(f"error: {e}")
 

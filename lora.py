@@ -12,6 +12,8 @@ store one pair for the fused layer: that is the special case of three equal A's.
 Files we write are diffusers/PEFT files (`transformer.transformer_blocks.0.attn.to_q.lora_A.weight`)
 with alpha / r folded into B: diffusers without an adapter config, ComfyUI and ai-toolkit all read
 such a file as alpha == r, so every loader gets the right scale.
+
+May import: files, model (its checkpoint names).
 """
 
 import json
@@ -24,7 +26,8 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save
 
-from model import SWAPPED, check_file, diffusers_names, field, swap_halves, write_atomic
+from files import check_file, field, write_atomic
+from model import FINAL_MODULATION, diffusers_names, swap_halves
 
 # diffusers' klein trainer targets to_q/to_k/to_v, to_out.0, to_qkv_mlp_proj and the single blocks'
 # attn.to_out; these are the same layers under our (BFL) names.
@@ -123,16 +126,6 @@ def inject(model, targets=DEFAULT_TARGETS, rank=4, alpha=None, seed=0):
     return names
 
 
-def merge(model):
-    for m in lora_modules(model).values():
-        m.merge()
-
-
-def unmerge(model):
-    for m in lora_modules(model).values():
-        m.unmerge()
-
-
 # ----------------------------------------------------------------------------------------------
 # Names in other formats
 
@@ -146,7 +139,7 @@ def to_diffusers(model):
             key = "transformer." + ours_to_diffusers[(name, c)]
             b = m.scaling * m.lora_B[c].detach().float()
             sd[f"{key}.lora_A.weight"] = m.lora_A[c].detach().float().contiguous()
-            sd[f"{key}.lora_B.weight"] = (swap_halves(b) if name == SWAPPED else b).contiguous()
+            sd[f"{key}.lora_B.weight"] = (swap_halves(b) if name == FINAL_MODULATION else b).contiguous()
     return sd
 
 
@@ -160,17 +153,9 @@ def lora_file(model):
     return save(sd, metadata={"format": "pt"})
 
 
-def write_bytes(path, blob):
-    def write(tmp):
-        with open(tmp, "wb") as f:
-            f.write(blob)
-
-    write_atomic(path, write)
-
-
 def save_lora(model, path):
     """Write the model's LoRA to a diffusers-format safetensors file, atomically."""
-    write_bytes(path, lora_file(model))
+    write_atomic(path, lora_file(model))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -10,22 +10,19 @@ Two ways references can attend (see `attention`):
     never change across denoising steps and can be computed once and cached (`KVCache`).
 
 Parameter names follow BFL's single-file checkpoints; diffusers folders are converted on load.
+
+May import: files (checkpoint reading). Nothing else of this project.
 """
 
-import argparse
-import json
 import math
 import os
-import re
-import signal
-import stat
-import tempfile
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors import safe_open
+
+from files import check_file, diffusers_weight_files, field, load_into, read_json, read_safetensors, resolve_component
 
 
 @dataclass
@@ -147,7 +144,7 @@ class Modulation(nn.Module):
         return self.lin(F.silu(vec))[:, None].chunk(self.n, dim=-1)  # n x (B, 1, D)
 
 
-def per_token(mods, ref_mods, n_ref, seq_len):
+def ref_modulation(mods, ref_mods, n_ref, seq_len):
     """Give the last n_ref tokens the references' own modulation: n x (B, seq_len, D)."""
     if not n_ref:
         return mods
@@ -184,9 +181,6 @@ class KVCache:
     def num_ref_tokens(self):
         return self.kv[0][0].shape[2] if self.kv else 0
 
-    def clear(self):
-        self.kv = []
-
 
 def sdpa(q, k, v, mask=None):
     """Softmax attention on (B, L, H, D) tensors -> (B, L, H, D); mask (B, 1, 1, L_k) bool or None.
@@ -197,21 +191,23 @@ def sdpa(q, k, v, mask=None):
     return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask).transpose(1, 2)
 
 
-def attention(q, k, v, mask, n_ref, cache=None, layer=0):
+def attention(q, k, v, mask, n_kv_ref, kv_cache=None, layer=0):
     """Joint attention over [text | target | references]; q, k, v (B, L, H, D) -> (B, L, H * D).
 
-    n_ref > 0 selects the KV pattern: the last n_ref tokens (references) attend only to themselves,
-    the rest attend to all. This is the one place where reference K/V are cached and reused.
+    n_kv_ref > 0: the last n_kv_ref tokens are references in the KV pattern: they attend only to
+    themselves, the rest attend to all. This is the one place where reference K/V are cached and reused:
+    a kv_cache holding this layer is read (the step runs no reference token), one without it is filled.
     mask (B, 1, 1, L) is False at padding keys (training batches whose reference subsets differ in size).
     """
-    if cache is not None and len(cache) > layer and n_ref == 0:  # cached step: no reference compute
-        k_ref, v_ref = (t.transpose(1, 2) for t in cache.kv[layer])
+    if kv_cache is not None and len(kv_cache) > layer and n_kv_ref == 0:  # cached step: no reference compute
+        k_ref, v_ref = (t.transpose(1, 2) for t in kv_cache.kv[layer])
         out = sdpa(q, torch.cat([k, k_ref], dim=1), torch.cat([v, v_ref], dim=1))
-    elif n_ref:
-        if cache is not None:  # copies: views would keep every token's K/V alive
-            cache.kv.append((k[:, -n_ref:].clone().transpose(1, 2), v[:, -n_ref:].clone().transpose(1, 2)))
-        main = sdpa(q[:, :-n_ref], k, v, mask)
-        ref = sdpa(q[:, -n_ref:], k[:, -n_ref:], v[:, -n_ref:], None if mask is None else mask[..., -n_ref:])
+    elif n_kv_ref:
+        n = n_kv_ref
+        if kv_cache is not None:  # copies: views would keep every token's K/V alive
+            kv_cache.kv.append((k[:, -n:].clone().transpose(1, 2), v[:, -n:].clone().transpose(1, 2)))
+        main = sdpa(q[:, :-n], k, v, mask)
+        ref = sdpa(q[:, -n:], k[:, -n:], v[:, -n:], None if mask is None else mask[..., -n:])
         out = torch.cat([main, ref], dim=1)
     else:
         out = sdpa(q, k, v, mask)
@@ -251,7 +247,7 @@ class DoubleStreamBlock(nn.Module):
         self.txt_attn = SelfAttention(D, cfg.num_heads)
         self.txt_mlp = nn.Sequential(nn.Linear(D, 2 * M, bias=False), SwiGLU(), nn.Linear(M, D, bias=False))
 
-    def forward(self, img, txt, img_mod, txt_mod, pe, mask, n_ref, cache, layer):
+    def forward(self, img, txt, img_mod, txt_mod, pe, mask, n_kv_ref, kv_cache, layer):
         # img (B, N + M, D): target then reference tokens (both use the image weights); txt (B, L, D)
         i_shift1, i_scale1, i_gate1, i_shift2, i_scale2, i_gate2 = img_mod
         t_shift1, t_scale1, t_gate1, t_shift2, t_scale2, t_gate2 = txt_mod
@@ -259,7 +255,7 @@ class DoubleStreamBlock(nn.Module):
         tq, tk, tv = self.txt_attn.qkv_heads(modulate(txt, t_shift1, t_scale1, self.eps))
         q = apply_rope(torch.cat([tq, iq], dim=1), pe)
         k = apply_rope(torch.cat([tk, ik], dim=1), pe)
-        out = attention(q, k, torch.cat([tv, iv], dim=1), mask, n_ref, cache, layer)
+        out = attention(q, k, torch.cat([tv, iv], dim=1), mask, n_kv_ref, kv_cache, layer)
         L = txt.shape[1]
         img = gated(img, i_gate1, self.img_attn.proj(out[:, L:]))
         img = gated(img, i_gate2, self.img_mlp(modulate(img, i_shift2, i_scale2, self.eps)))
@@ -280,12 +276,12 @@ class SingleStreamBlock(nn.Module):
         self.norm = QKNorm(cfg.head_dim)
         self.mlp_act = SwiGLU()
 
-    def forward(self, x, mod, pe, mask, n_ref, cache, layer):
+    def forward(self, x, mod, pe, mask, n_kv_ref, kv_cache, layer):
         shift, scale, gate = mod
         qkv, mlp = self.linear1(modulate(x, shift, scale, self.eps)).split(self.split, dim=-1)
         q, k, v = split_heads(qkv, self.num_heads)
         q, k = self.norm(q, k)
-        out = attention(apply_rope(q, pe), apply_rope(k, pe), v, mask, n_ref, cache, layer)
+        out = attention(apply_rope(q, pe), apply_rope(k, pe), v, mask, n_kv_ref, kv_cache, layer)
         return gated(x, gate, self.linear2(torch.cat([out, self.mlp_act(mlp)], dim=-1)))
 
 
@@ -333,20 +329,20 @@ class Flux2(nn.Module):
         tokens share a batch (training); each example needs at least one real reference token.
         """
         B, N, _ = img.shape
-        cached = kv_cache is not None and len(kv_cache) > 0
-        if cached and ref is not None:
+        reuse = kv_cache is not None and len(kv_cache) > 0  # a filled cache stands in for the references
+        if reuse and ref is not None:
             raise ValueError("the KV cache is already filled: call without ref to reuse it")
         n_ref = 0 if ref is None else ref.shape[1]
-        kv = n_ref > 0 and (kv_pattern or kv_cache is not None)  # references at t = 0, self-attending
+        kv_refs = n_ref > 0 and (kv_pattern or kv_cache is not None)  # references at t = 0, self-attending
 
         vec = self.time_in(timestep_embedding(t.to(img.dtype) * 1000, self.cfg.time_dim).to(img.dtype))
         img_mod = self.double_stream_modulation_img(vec)
         txt_mod = self.double_stream_modulation_txt(vec)
         single_mod = self.single_stream_modulation(vec)
-        if kv:
+        if kv_refs:
             ref_vec = self.time_in(timestep_embedding(torch.zeros_like(t, dtype=img.dtype), self.cfg.time_dim).to(img.dtype))
-            img_mod = per_token(img_mod, self.double_stream_modulation_img(ref_vec), n_ref, N + n_ref)
-            single_mod = per_token(single_mod, self.single_stream_modulation(ref_vec), n_ref, txt.shape[1] + N + n_ref)
+            img_mod = ref_modulation(img_mod, self.double_stream_modulation_img(ref_vec), n_ref, N + n_ref)
+            single_mod = ref_modulation(single_mod, self.single_stream_modulation(ref_vec), n_ref, txt.shape[1] + N + n_ref)
 
         ids = [txt_ids, img_ids] + ([ref_ids] if n_ref else [])
         ids = torch.cat([(i if i.ndim == 3 else i[None]).expand(B, -1, -1) for i in ids], dim=1)
@@ -359,13 +355,13 @@ class Flux2(nn.Module):
             if kv_cache is not None:
                 raise ValueError("ref_mask is for training batches; it cannot be combined with a KV cache")
             mask = torch.cat([ref_mask.new_ones(B, txt.shape[1] + N), ref_mask.bool()], dim=1)[:, None, None]
-        n_kv = n_ref if kv else 0
-        cache = kv_cache if (kv or cached) else None
+        n_kv_ref = n_ref if kv_refs else 0
+        kv_cache = kv_cache if (kv_refs or reuse) else None  # filled by this call, or read by it
         for i, block in enumerate(self.double_blocks):
-            x, c = self._run(block, x, c, img_mod, txt_mod, pe, mask, n_kv, cache, i)
+            x, c = self._run(block, x, c, img_mod, txt_mod, pe, mask, n_kv_ref, kv_cache, i)
         x = torch.cat([c, x], dim=1)
         for i, block in enumerate(self.single_blocks):
-            x = self._run(block, x, single_mod, pe, mask, n_kv, cache, self.cfg.depth + i)
+            x = self._run(block, x, single_mod, pe, mask, n_kv_ref, kv_cache, self.cfg.depth + i)
         x = x[:, c.shape[1] : c.shape[1] + N]
         return self.final_layer(x, vec)
 
@@ -388,7 +384,7 @@ class Flux2(nn.Module):
 # Loading: BFL single files load as they are; diffusers checkpoints are renamed to BFL names.
 
 
-SWAPPED = "final_layer.adaLN_modulation.1"  # rows (shift, scale) here, (scale, shift) in diffusers' norm_out
+FINAL_MODULATION = "final_layer.adaLN_modulation.1"  # rows (shift, scale) here, (scale, shift) in diffusers' norm_out
 
 
 def swap_halves(w):
@@ -407,7 +403,7 @@ def diffusers_names(cfg):
         "double_stream_modulation_img.linear": "double_stream_modulation_img.lin",
         "double_stream_modulation_txt.linear": "double_stream_modulation_txt.lin",
         "single_stream_modulation.linear": "single_stream_modulation.lin",
-        "norm_out.linear": SWAPPED,
+        "norm_out.linear": FINAL_MODULATION,
         "proj_out": "final_layer.linear",
     }
     names = {k: (v, 0) for k, v in names.items()}
@@ -450,7 +446,7 @@ def diffusers_to_bfl(sd, cfg):
             continue
         ours, c = names[module]
         suffix = "scale" if ours.endswith("_norm") else "weight"
-        chunks.setdefault(f"{ours}.{suffix}", {})[c] = swap_halves(w) if ours == SWAPPED else w
+        chunks.setdefault(f"{ours}.{suffix}", {})[c] = swap_halves(w) if ours == FINAL_MODULATION else w
     for key, parts in chunks.items():  # a fused q/k/v missing a part comes out mis-shaped and is reported
         out[key] = torch.cat([parts[c] for c in sorted(parts)], dim=0) if len(parts) > 1 else parts[0]
     return out
@@ -507,55 +503,6 @@ def check_config(cfg, where):
     return cfg
 
 
-def read_safetensors(paths):
-    """Memory-mapped tensors of one or more safetensors files (no copy until used)."""
-    sd = {}
-    for p in paths:
-        check_file(p, "safetensors file")
-        try:
-            with safe_open(p, framework="pt") as f:
-                for k in f.keys():
-                    sd[k] = f.get_tensor(k)
-        except Exception as e:
-            raise ValueError(f"cannot read safetensors file {p}: {e}") from None
-    return sd
-
-
-def diffusers_weight_files(folder, stem):
-    index = os.path.join(folder, f"{stem}.safetensors.index.json")
-    if os.path.exists(index):
-        shards = field(read_json(index), "weight_map", index, dict).values()
-        if not shards or not all(isinstance(n, str) and n == os.path.basename(n) not in ("", ".", "..") for n in shards):
-            raise ValueError(f"{index}: field 'weight_map' must map tensor names to shard file names in {folder}")
-        files = [os.path.join(folder, n) for n in sorted(set(shards))]
-        missing = [p for p in files if not os.path.exists(p)]
-        if missing:
-            raise FileNotFoundError(f"{index} lists shards that are not there: {missing}")
-        return files
-    single = os.path.join(folder, f"{stem}.safetensors")
-    if not os.path.isfile(single):
-        raise FileNotFoundError(f"no {stem}.safetensors (or its index) in {folder}")
-    return [single]
-
-
-def resolve_component(source, subfolder, hub_files, download=None):
-    """A local file or folder for one pipeline component: `subfolder` of a repository folder if there is one
-    (None: the repository itself); a hub repo id downloads only `hub_files` (with `download`, default
-    huggingface_hub.snapshot_download)."""
-    source = str(source)
-    if not os.path.exists(source):
-        if not re.fullmatch(r"[\w.-]+/[\w.-]+", source) or source.startswith(".") or source.endswith(".safetensors"):
-            raise FileNotFoundError(f"{source} is neither an existing folder or file nor a hub repo id (owner/name)")
-        if download is None:
-            from huggingface_hub import snapshot_download as download
-        try:
-            source = download(source, allow_patterns=hub_files)
-        except Exception as e:
-            raise FileNotFoundError(f"{source} is no local path, and downloading it as a hub repo failed: {e}") from e
-    sub = os.path.join(source, subfolder or "")
-    return sub if subfolder and os.path.isdir(sub) else source
-
-
 def load_checkpoint(source):
     """(config, BFL-named state dict) from any supported source."""
     path = resolve_component(str(source), "transformer", ["transformer/*"])
@@ -573,149 +520,3 @@ def load_checkpoint(source):
     cfg = config_from_diffusers(read_json(cfg_path), cfg_path)
     sd = read_safetensors(diffusers_weight_files(path, "diffusion_pytorch_model"))
     return cfg, diffusers_to_bfl(sd, cfg)
-
-
-def load_into(model, sd, dtype=None, device=None, file_name=None):
-    """Assign a state dict to a meta-device model, moving each tensor to `device` and casting floating-point
-    ones to `dtype` (None: keep). A mismatch is one ValueError naming every missing, unexpected and mis-shaped
-    key, as the file names it (file_name maps our key to the file's, when they differ)."""
-    name = file_name or (lambda k: k)
-    expected = model.state_dict()
-    missing = sorted(name(k) for k in set(expected) - set(sd))
-    unexpected = sorted(name(k) for k in set(sd) - set(expected))
-    shapes = sorted(f"{name(k)}: {tuple(sd[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items() if k in sd and sd[k].shape != v.shape)
-    kinds = sorted(f"{name(k)}: {sd[k].dtype}" for k, v in expected.items() if k in sd and sd[k].is_floating_point() != v.is_floating_point())
-    if missing or unexpected or shapes or kinds:
-        problems = (("missing", missing), ("unexpected", unexpected), ("mis-shaped", shapes), ("of the wrong dtype", kinds))
-        parts = [f"{n}: {', '.join(v[:8])}" + (f" ({len(v)} in all)" if len(v) > 8 else "") for n, v in problems if v]
-        raise ValueError(f"checkpoint does not match {type(model).__name__}: " + "; ".join(parts))
-    sd = {k: v.to(device=device, dtype=dtype if dtype is not None and v.is_floating_point() else v.dtype) for k, v in sd.items()}
-    model.load_state_dict(sd, assign=True)
-    return model
-
-
-# ----------------------------------------------------------------------------------------------
-# Files and command lines, shared by every script: each config, index and checkpoint is read through
-# check_file / read_json / field, so a bad one is one error naming the file and the field; every output
-# is written with write_atomic.
-
-REQUIRED = object()
-KINDS = {int: "an integer", float: "a finite number", bool: "true or false", str: "a string", dict: "an object",
-         list: "a non-empty list of integers"}  # fmt: skip
-
-
-def check_file(path, what="file"):
-    """path, if it is a regular file. Checked with stat before anything opens it: a FIFO would block
-    forever, a device could be endless. Missing: FileNotFoundError; anything else: ValueError."""
-    try:
-        mode = os.stat(path).st_mode
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{what} not found: {path}") from None
-    except OSError as e:
-        raise ValueError(f"cannot read {what} {path}: {e.strerror}") from None
-    if stat.S_ISDIR(mode):
-        raise ValueError(f"{what} {path} is a folder, not a file")
-    if not stat.S_ISREG(mode):
-        raise ValueError(f"{what} {path} is not a regular file (a FIFO, device or socket)")
-    return path
-
-
-def read_json(path, kind=dict):
-    """The JSON object (kind=dict) or array (kind=list) in a file; anything else is one ValueError naming it."""
-    check_file(path, "JSON file")
-    try:
-        with open(path, encoding="utf-8") as f:
-            value = json.load(f)
-    except UnicodeDecodeError:
-        raise ValueError(f"{path} is not UTF-8 text") from None
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON: {e.msg} (line {e.lineno}, column {e.colno})") from None
-    if not isinstance(value, kind):
-        raise ValueError(f"{path} must hold a JSON {'object' if kind is dict else 'array'}, not {type(value).__name__}")
-    return value
-
-
-def field(raw, name, where, kind=int, default=REQUIRED, positive=True):
-    """raw[name] checked, `where` naming the file: kind int (not a bool), float (finite; an int will do),
-    bool, str, dict, or list (non-empty, of ints, returned as a tuple); numbers and list items > 0 if
-    positive. Missing or null: the default, or an error without one."""
-    value = raw.get(name)
-    if value is None:
-        if default is REQUIRED:
-            raise ValueError(f"{where}: missing field {name!r}")
-        return default
-    items = list(value) if kind is list and isinstance(value, (list, tuple)) and value else [value]
-    item_kind = int if kind is list else kind
-    ok = kind is not list or isinstance(value, (list, tuple))
-    for v in items:
-        if item_kind in (int, float):
-            ok &= isinstance(v, (int, float) if item_kind is float else int) and not isinstance(v, bool)
-            ok = ok and math.isfinite(v) and (v > 0 or not positive)
-        else:
-            ok &= isinstance(v, item_kind)
-    if not ok:
-        sign = " > 0" if positive and item_kind in (int, float) else ""
-        shown = repr(value) if len(repr(value)) < 60 else repr(value)[:57] + "..."
-        raise ValueError(f"{where}: field {name!r} must be {KINDS[kind]}{sign}, got {shown}")
-    return tuple(value) if kind is list else value
-
-
-def umask():
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def write_atomic(path, write):
-    """write(tmp) to a temporary file next to path, then rename it over path: a reader, or a process killed
-    at any instant, sees the old file or the new one, never half of one. The file gets the mode any new
-    file gets (0666 less the umask; mkstemp would leave 0600). A kill leaves at most a stale
-    `.NAME.*.tmp`, which remove_stale_temps deletes."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o666 & ~umask())
-        fault_point("written")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    fault_point("renamed")
-
-
-STALE_TEMP = re.compile(r"\..+\.[a-z0-9_]{8}\.tmp")  # write_atomic's temporary names
-
-
-def remove_stale_temps(folder):
-    """Delete the temporary files write_atomic leaves in folder when its process is killed mid-write."""
-    if os.path.isdir(folder):
-        for name in os.listdir(folder):
-            if STALE_TEMP.fullmatch(name) and os.path.isfile(os.path.join(folder, name)):
-                os.remove(os.path.join(folder, name))
-
-
-_fault_hits = {}
-
-
-def fault_point(stage):
-    """Test hook: SPARSE_CONTEXT_KILL_AT=STAGE:N SIGKILLs this process the N-th time it reaches STAGE
-    (written: a temporary file is complete; renamed: it replaced its target; appended: a log line)."""
-    at = os.environ.get("SPARSE_CONTEXT_KILL_AT", "")
-    if at.rpartition(":")[0] == stage:
-        _fault_hits[stage] = _fault_hits.get(stage, 0) + 1
-        if _fault_hits[stage] == int(at.rpartition(":")[2]):
-            os.kill(os.getpid(), signal.SIGKILL)
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse that shows every default and reports a bad option as one line, `error: ...`, exit status 2."""
-
-    def __init__(self, **kwargs):
-        super().__init__(**{"formatter_class": argparse.ArgumentDefaultsHelpFormatter} | kwargs)
-
-    def error(self, message):
-        self.exit(2, f"error: {message} (see --help)\n")

@@ -49,9 +49,10 @@ from tqdm import tqdm
 import lora
 from bench import loop_flops
 from compare import psnr, ssim
-from data import CachedDataset, text_file, write_atomic
+from data import CachedDataset, text_file
+from files import write_atomic
 from model import Flux2, Flux2Config, KVCache
-from sample import denoise, grid_ids, schedule, text_ids, write_text_atomic
+from pipeline import denoise, grid_ids, schedule, text_ids
 from token_selectors import draw_selection, select_reference_tokens
 from train import flow_matching_loss, forward_groups, generator, training_example
 
@@ -239,7 +240,7 @@ def write_cache(folder, examples):
         grid = [SIZE // 16, SIZE // 16]
         index.append(dict(latents=latents, text=text, target=grid, references=[grid] * len(ex["refs"]),
                           task="edit" if ex["task"] == "edit" else "subject", line=i + 1, photos=ex["photos"]))  # fmt: skip
-    write_text_atomic(os.path.join(folder, "index.json"), json.dumps(index))
+    write_atomic(os.path.join(folder, "index.json"), json.dumps(index))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -311,7 +312,7 @@ def fine_tune(name, base, cache, out, settings, seed):
         cmd = cmd + ["--resume"]  # a killed run goes on from its last checkpoint
     else:
         shutil.rmtree(out, ignore_errors=True)
-        write_text_atomic(marker, key)
+        write_atomic(marker, key)
     here = os.path.dirname(os.path.abspath(__file__))
     absolute = [os.path.abspath(a) if a in (base, cache, out) else a for a in cmd]  # train.py runs from here
     env = dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads()))  # train.py uses this run's --threads
@@ -705,7 +706,7 @@ def write_report(path, figures, s, speed, v, info, models):
                 for k in (0.1, 0.05) if (n, task, "random", k) in s) + " dB")  # fmt: skip
     L.append("")
     text = "\n".join(L) + "\n"
-    write_text_atomic(path, text)
+    write_atomic(path, text)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -743,7 +744,7 @@ def main(argv=None):
     if not stamped(cache + ".json", cache_key):
         shutil.rmtree(cache, ignore_errors=True)
         write_cache(cache, make_split("train", settings["train_pool"] // 3, args.seed))
-        write_text_atomic(cache + ".json", cache_key)  # last: a killed run rebuilds the cache
+        write_atomic(cache + ".json", cache_key)  # last: a killed run rebuilds the cache
     val = make_split("val", settings["test_per_task"], 4321)
     test = make_split("test", settings["test_per_task"], 1234) if args.split == "test" else val  # fixed examples and seeds
     lap("world")
@@ -757,7 +758,7 @@ def main(argv=None):
     statuses = [fine_tune(name, base, cache, runs[name], settings, args.seed)[1] for name in TUNES]
     lap("fine-tunes")
     trained["fine-tunes"] = stages["fine-tunes"] if "trained" in statuses else trained.get("fine-tunes")
-    write_text_atomic(timings, json.dumps(trained))
+    write_atomic(timings, json.dumps(trained))
 
     models = {"base": load_model(base)} | {n: load_model(base, os.path.join(runs[n], "pytorch_lora_weights.safetensors")) for n in TUNES}
     # Validation: choose between drop and drop-mix (dense quality at keep 1, and keep 0.1).
@@ -799,7 +800,7 @@ def main(argv=None):
                                                              if "trained" not in st])  # fmt: skip
     write_report(os.path.join(report, "REPRODUCTION.md"), figures, s, speed, v, info, names + ("base-kv", "drop-kv"))
     results_json = {"|".join(map(str, k)): v for k, v in s.items()}
-    write_text_atomic(os.path.join(report, "reproduction", "results.json"),
+    write_atomic(os.path.join(report, "reproduction", "results.json"),
                json.dumps(dict(summary=results_json, speed=speed, verdicts=v, info=info), indent=1))
     for k, (verd, lines) in v.items():
         print(f"claim {k}: {verd}: " + "; ".join(lines))

@@ -10,8 +10,9 @@ import torch.nn as nn
 import pytest
 
 import bench
-from bench import HEADER, KEEPS, PER_IMAGE, PER_IMAGE_HEADING, REFS, bench_config, forward_flops, kept, loop_flops
+from bench import HEADER, KEEPS, PER_IMAGE, PER_IMAGE_HEADING, REFS, bench_config, forward_flops, loop_flops
 from model import Flux2, Flux2Config
+from token_selectors import n_keep
 
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -74,8 +75,8 @@ def test_flop_ideal_is_exact():
     # The ideal speedup of the bench config: 1 at keep 1, growing as keep shrinks, more with the cache.
     cfg = bench_config()
     dense = loop_flops(cfg, 512, 1024, 6 * 1024, kv=False)
-    ideal = [dense / loop_flops(cfg, 512, 1024, 6 * kept(1024, k), kv=False) for k in KEEPS]
-    ideal_kv = [dense / loop_flops(cfg, 512, 1024, 6 * kept(1024, k), kv=True) for k in KEEPS]
+    ideal = [dense / loop_flops(cfg, 512, 1024, 6 * n_keep(k, 1024), kv=False) for k in KEEPS]
+    ideal_kv = [dense / loop_flops(cfg, 512, 1024, 6 * n_keep(k, 1024), kv=True) for k in KEEPS]
     assert ideal[0] == 1.0 and all(a < b for a, b in zip(ideal, ideal[1:]))
     assert all(a < b for a, b in zip(ideal_kv, ideal_kv[1:])) and all(k > n for k, n in zip(ideal_kv, ideal))
 

@@ -4,7 +4,7 @@
   and leaves no new file. The CLIs' main(argv) run in this process (a subprocess pays seconds of imports
   per case); a few true subprocesses check what only a real process shows (tracebacks, FIFOs, WORLD_SIZE).
 - Kills: train.py and data.py are SIGKILLed at every write point (a temporary file complete, renamed into
-  place, a log line appended; model.fault_point) and at random instants, in forked children; running the
+  place, a log line appended; files.fault_point) and at random instants, in forked children; running the
   same command again (train.py with --resume) must end with the same files as an uninterrupted run.
 """
 
@@ -25,10 +25,10 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 import data
-import model
 import token_selectors
 import train
-from test_sparse_train import klein, write_dataset  # noqa: F401  (klein: the tiny repository fixture)
+from files import write_atomic
+from tiny import write_dataset
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CLIS = {"train": train.main, "data": data.main, "selectors": token_selectors.main}
@@ -456,10 +456,10 @@ def test_non_finite_training_stops(fx, tmp_path):
 def test_outputs_respect_umask(tmp_path):
     old = os.umask(0o027)
     try:
-        model.write_atomic(str(tmp_path / "a.txt"), lambda tmp: open(tmp, "w").close())
+        write_atomic(str(tmp_path / "a.txt"), lambda tmp: open(tmp, "w").close())
         assert (tmp_path / "a.txt").stat().st_mode & 0o777 == 0o640
         os.umask(0o002)
-        model.write_atomic(str(tmp_path / "a.txt"), lambda tmp: open(tmp, "w").close())
+        write_atomic(str(tmp_path / "a.txt"), lambda tmp: open(tmp, "w").close())
         assert (tmp_path / "a.txt").stat().st_mode & 0o777 == 0o664
     finally:
         os.umask(old)
@@ -472,7 +472,7 @@ def test_outputs_respect_umask(tmp_path):
 
 def forked(fn, log, kill_at=None, kill_after=None):
     """Run fn() in a forked child (torch is imported already: no start-up cost): its exit status, -9 when
-    SIGKILLed. kill_at arms model.fault_point; kill_after (seconds) kills it from outside."""
+    SIGKILLed. kill_at arms files.fault_point; kill_after (seconds) kills it from outside."""
     pid = os.fork()
     if pid == 0:  # the child: never returns into pytest
         code = 3

@@ -8,22 +8,7 @@ from diffusers.models.transformers.transformer_flux2 import Flux2KVAttnProcessor
 from safetensors.torch import load_file, save_file
 
 from model import Flux2, Flux2Config, KVCache
-
-TINY = dict(
-    patch_size=1, in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=16,
-    num_attention_heads=3, joint_attention_dim=24, axes_dims_rope=(4, 4, 4, 4), mlp_ratio=3.0,
-    guidance_embeds=False, timestep_guidance_channels=256,
-)  # fmt: skip
-
-
-def randomize_(module, seed=0):
-    """Random weights of a realistic scale (diffusers' RMSNorm weights start at 1)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * (0.3 if p.ndim == 1 else p.shape[-1] ** -0.5) + (p.ndim == 1))
-    return module
-
+from tiny import TINY, make_inputs, randomize_
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
@@ -34,23 +19,6 @@ def tiny(tmp_path_factory):
     ref.save_pretrained(root / "transformer")
     ours = Flux2.from_pretrained(str(root))
     return ref, ours, root
-
-
-def grid_ids(h, w, t=0):
-    """(h * w, 4) ids (t, row, col, 0), row-major, as the klein pipeline builds them."""
-    r, c = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
-    return torch.stack([torch.full_like(r, t), r, c, torch.zeros_like(r)], -1).flatten(0, 1)
-
-
-def make_inputs(B=2, h=3, w=4, L=7, refs=(), seed=1):
-    g = torch.Generator().manual_seed(seed)
-    img = torch.randn(B, h * w, TINY["in_channels"], generator=g)
-    txt = torch.randn(B, L, TINY["joint_attention_dim"], generator=g)
-    txt_ids = torch.stack([torch.zeros(L), torch.zeros(L), torch.zeros(L), torch.arange(L)], -1).long()
-    ref = [torch.randn(B, rh * rw, TINY["in_channels"], generator=g) for rh, rw in refs]
-    ref_ids = [grid_ids(rh, rw, t=10 * (k + 1)) for k, (rh, rw) in enumerate(refs)]
-    t = torch.tensor([0.7, 0.3])[:B]
-    return img, grid_ids(h, w), txt, txt_ids, t, ref, ref_ids
 
 
 def assert_close(a, b, rel=1e-5):

@@ -15,30 +15,11 @@ from diffusers.pipelines.flux2.image_processor import Flux2ImageProcessor
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
+import pipeline
 import sample
-from test_sparse_model import randomize_
-from test_sparse_text import make_tiny_text_encoder_repo
-from test_sparse_vae import tiny_diffusers_vae
+from tiny import HIDDEN, make_pipeline_folder, photo
 
-HIDDEN = 32  # tiny Qwen3: prompt embeddings are 3 x 32 = 96 wide
 ONE_THREAD = dict(os.environ, OMP_NUM_THREADS="1")
-
-
-def make_pipeline_folder(root, distilled):
-    """A klein repository folder written by diffusers' own save_pretrained."""
-    tokenizer, text_encoder = make_tiny_text_encoder_repo(root, hidden_size=HIDDEN)
-    vae = tiny_diffusers_vae(0, block_out_channels=(32, 32, 64, 64), layers_per_block=1, latent_channels=4, norm_num_groups=8)
-    torch.manual_seed(0)
-    transformer = randomize_(Flux2Transformer2DModel(
-        patch_size=1, in_channels=16, num_layers=1, num_single_layers=2, attention_head_dim=16, num_attention_heads=2,
-        joint_attention_dim=3 * HIDDEN, axes_dims_rope=(4, 4, 4, 4), guidance_embeds=False,
-    ), seed=1).eval()  # fmt: skip
-    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, time_shift_type="exponential")
-    pipe = Flux2KleinPipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
-                              transformer=transformer, is_distilled=distilled)  # fmt: skip
-    pipe.save_pretrained(root)
-    return pipe
-
 
 @pytest.fixture(scope="module")
 def distilled(tmp_path_factory):
@@ -52,13 +33,6 @@ def base(tmp_path_factory):
     return root, make_pipeline_folder(root, distilled=False)
 
 
-def photo(w, h, mode="RGB", seed=0):
-    """A smooth random image (structure for the selectors) in any PIL mode."""
-    g = np.random.default_rng(seed)
-    small = g.integers(0, 256, (h // 8 + 1, w // 8 + 1, 3), dtype=np.uint8)
-    return Image.fromarray(small).resize((w, h), Image.Resampling.BICUBIC).convert(mode)
-
-
 REFS = [photo(80, 70, seed=1), photo(64, 100, "RGBA", seed=2)]
 
 
@@ -69,7 +43,7 @@ def diffusers_image(pipe, refs, seed, **kw):
 
 
 def ours_image(root, refs, seed, **kw):
-    image, _ = sample.generate(str(root), "a red cube", refs, seed=seed, progress=False, **kw)
+    image, _ = pipeline.generate(str(root), "a red cube", refs, seed=seed, progress=False, **kw)
     return np.array(image).astype(np.int32)
 
 
@@ -118,15 +92,15 @@ def test_reference_preprocessing_equals_diffusers(size, mode):
         ref = proc._resize_to_target_area(ref, 1024 * 1024)
     w, h = ref.size[0] // 16 * 16, ref.size[1] // 16 * 16
     want = proc.preprocess(ref, height=h, width=w, resize_mode="crop")
-    ours = sample.prepare_reference(image)
+    ours = pipeline.prepare_reference(image)
     assert ours.size == (w, h)
-    assert torch.equal(sample.to_tensor(ours), want)
+    assert torch.equal(pipeline.to_tensor(ours), want)
 
 
 @pytest.mark.parametrize("size", [(63, 200), (600, 70)])
 def test_reference_size_errors(size):
     with pytest.raises(ValueError, match="too small|aspect ratio"):
-        sample.prepare_reference(photo(*size))
+        pipeline.prepare_reference(photo(*size))
     with pytest.raises(ValueError):
         Flux2ImageProcessor.check_image_input(photo(*size))  # diffusers refuses the same images
 
@@ -137,8 +111,8 @@ def test_schedule_equals_diffusers_scheduler():
         from diffusers.pipelines.flux2.pipeline_flux2_klein import compute_empirical_mu
 
         sched.set_timesteps(sigmas=np.linspace(1.0, 1 / n, n), mu=compute_empirical_mu(seq, n))
-        assert torch.equal(sample.schedule(n, seq), sched.sigmas)
-    assert sample.schedule(4, 4096)[:4].tolist() == pytest.approx([1.0, 0.9674, 0.9081, 0.7672], abs=1e-4)
+        assert torch.equal(pipeline.schedule(n, seq), sched.sigmas)
+    assert pipeline.schedule(4, 4096)[:4].tolist() == pytest.approx([1.0, 0.9674, 0.9081, 0.7672], abs=1e-4)
 
 
 def run_cli(*args):
@@ -209,7 +183,7 @@ def diffusers_loop(pipe, refs, kept, seed, steps=4, kv=False):
 
     with torch.no_grad():
         txt, txt_ids = pipe.encode_prompt(prompt="a red cube", device="cpu", max_sequence_length=512)
-        images = [sample.to_tensor(sample.prepare_reference(r)) for r in refs]
+        images = [pipeline.to_tensor(pipeline.prepare_reference(r)) for r in refs]
         ref, ref_ids = pipe.prepare_image_latents(images=images, batch_size=1, generator=None, device="cpu", dtype=torch.float32)
         offsets = np.cumsum([0] + [im.shape[2] * im.shape[3] // 256 for im in images])
         rows = torch.cat([torch.as_tensor(idx) + int(o) for idx, o in zip(kept, offsets)])
@@ -244,7 +218,7 @@ def test_sparse_sampling_equals_diffusers_on_the_same_subset(distilled, kv, sele
         pipe = Flux2KleinKVPipeline(**pipe.components)
         pipe.transformer = Flux2Transformer2DModel.from_pretrained(root / "transformer")
         pipe._set_kv_attn_processors()
-    image, stats = sample.generate(str(root), "a red cube", REFS, seed=9, kv_cache=kv, keep=keep, selector=selector,
+    image, stats = pipeline.generate(str(root), "a red cube", REFS, seed=9, kv_cache=kv, keep=keep, selector=selector,
                                    progress=False)  # fmt: skip
     counts = [after for _, after in stats.ref_tokens]
     keeps = keep if isinstance(keep, list) else [keep, keep]
@@ -257,17 +231,17 @@ def test_sparse_sampling_equals_diffusers_on_the_same_subset(distilled, kv, sele
 
 def test_keep_one_is_dense_and_bad_keeps(distilled, tmp_path):
     root, _ = distilled
-    dense, _ = sample.generate(str(root), "a red cube", REFS, seed=2, progress=False)
-    kept, stats = sample.generate(str(root), "a red cube", REFS, seed=2, keep=[1.0, 1.0], selector="canny",
+    dense, _ = pipeline.generate(str(root), "a red cube", REFS, seed=2, progress=False)
+    kept, stats = pipeline.generate(str(root), "a red cube", REFS, seed=2, keep=[1.0, 1.0], selector="canny",
                                   save_selection=tmp_path / "sel.png", progress=False)  # fmt: skip
     assert np.array_equal(np.array(dense), np.array(kept))
     assert stats.ref_tokens == [(20, 20), (24, 24)]
     assert Image.open(tmp_path / "sel.png").size == (80 + 64, 96)
     for keep, match in [(0.0, "keep"), (1.5, "keep"), ([0.5], "2 reference"), ([0.1, 0.2, 0.3], "2 reference")]:
         with pytest.raises(ValueError, match=match):
-            sample.generate(str(root), "x", REFS, keep=keep, progress=False)
+            pipeline.generate(str(root), "x", REFS, keep=keep, progress=False)
     with pytest.raises(ValueError, match="selector"):
-        sample.generate(str(root), "x", REFS, keep=0.5, selector="sobel", progress=False)
+        pipeline.generate(str(root), "x", REFS, keep=0.5, selector="sobel", progress=False)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -297,7 +271,7 @@ def many(distilled):
         mp.setattr(TextEncoder, "encode", lambda self, prompts, *a: counts.update(prompts) or encode(self, prompts, *a))
         mp.setattr(AutoEncoder, "encode", lambda self, x: counts.update(["vae encodes"] * len(x)) or vae_encode(self, x))
         mp.setattr(Flux2, "forward", counting_forward)
-        images, stats = sample.generate(str(root), PROMPTS, REFS, seed=[3, 4], kv_cache=True, batch_size=3,
+        images, stats = pipeline.generate(str(root), PROMPTS, REFS, seed=[3, 4], kv_cache=True, batch_size=3,
                                         progress=False, **SPARSE)  # fmt: skip
     return images, stats, counts
 
@@ -310,7 +284,7 @@ def test_many_images_equal_single_runs(distilled, many):
     assert counts == {PROMPTS[0]: 1, PROMPTS[1]: 1, "vae encodes": 2, "reference forwards": 1, "reference rows": 1}
     jobs = [(p, s) for p in PROMPTS for s in (3, 4)]
     for (prompt, seed), image in zip(jobs, images):
-        single, _ = sample.generate(str(root), prompt, REFS, seed=seed, kv_cache=True, progress=False, **SPARSE)
+        single, _ = pipeline.generate(str(root), prompt, REFS, seed=seed, kv_cache=True, progress=False, **SPARSE)
         assert np.abs(np.array(image).astype(np.int32) - np.array(single).astype(np.int32)).max() <= 1, (prompt, seed)
     pairs = [np.array(im).astype(np.int32) for im in images]
     assert min(np.abs(a - b).max() for i, a in enumerate(pairs) for b in pairs[i + 1 :]) > 5  # all different
@@ -327,18 +301,18 @@ def test_batched_sampling_equals_one_at_a_time(distilled, kv, keep, guidance):
     g = torch.Generator().manual_seed(0)
     txts = {p: torch.randn(1, 8, 3 * HIDDEN, generator=g) for p in PROMPTS}
     neg = torch.randn(1, 8, 3 * HIDDEN, generator=g)
-    encoded = [(torch.randn(1, 20, 16, generator=g), sample.grid_ids(4, 5, t=10)),
-               (torch.randn(1, 24, 16, generator=g), sample.grid_ids(6, 4, t=20))]  # fmt: skip
+    encoded = [(torch.randn(1, 20, 16, generator=g), pipeline.grid_ids(4, 5, t=10)),
+               (torch.randn(1, 24, 16, generator=g), pipeline.grid_ids(6, 4, t=20))]  # fmt: skip
     kept = [None, None] if keep is None else [torch.tensor([0, 3, 7, 19]), torch.tensor([2, 5, 23])]
-    ref, ref_ids = sample.gather_references(encoded, kept)
+    ref, ref_ids = pipeline.gather_references(encoded, kept)
     jobs = [(p, s) for p in PROMPTS for s in (3, 4)]
     calls = []
     forward = model.forward
     model.forward = lambda img, *a, ref=None, **kw: calls.append(ref is not None) or forward(img, *a, ref=ref, **kw)
     with torch.no_grad():
-        batched = sample.sample_latents(model, jobs, txts, 4, 4, 3, ref, ref_ids, kv, guidance, neg, batch_size=3)
+        batched = pipeline.sample_latents(model, jobs, txts, 4, 4, 3, ref, ref_ids, kv, guidance, neg, batch_size=3)
         n_ref_calls = sum(calls)
-        singles = [sample.sample_latents(model, [job], txts, 4, 4, 3, ref, ref_ids, kv, guidance, neg)[0] for job in jobs]
+        singles = [pipeline.sample_latents(model, [job], txts, 4, 4, 3, ref, ref_ids, kv, guidance, neg)[0] for job in jobs]
     assert n_ref_calls == (1 if kv else 3 * 2 * (2 if guidance > 1 else 1))  # steps x batches x CFG passes
     for b, s in zip(batched, singles):
         torch.testing.assert_close(b, s, rtol=1e-5, atol=1e-5)
@@ -374,7 +348,7 @@ def test_output_names():
     assert sample.output_paths("d/out.jpg", None, ["a", "b"], [0, 5]) == ["d/out_p0_s0.jpg", "d/out_p0_s5.jpg",
                                                                           "d/out_p1_s0.jpg", "d/out_p1_s5.jpg"]  # fmt: skip
     assert sample.output_paths(None, "outs", ["a"], [1, 2]) == [os.path.join("outs", "p0_s1.png"), os.path.join("outs", "p0_s2.png")]
-    assert len(sample.load_references(str(Path(__file__).parent / "benchmarks.png"))) == 1  # one path: one reference
+    assert len(pipeline.load_references(str(Path(__file__).parent / "benchmarks.png"))) == 1  # one path: one reference
 
 
 @pytest.fixture(scope="module")
@@ -507,12 +481,12 @@ def test_help_shows_every_default_and_cpu_bf16_warns(capsys):
         for action in parser._actions:
             if action.dest != "help":
                 assert "default" in action.help or "required" in action.help, action.option_strings
-    sample.warn_slow_dtype(torch.device("cpu"), torch.bfloat16)
-    sample.warn_slow_dtype(torch.device("cpu"), torch.float32)
+    pipeline.warn_slow_dtype(torch.device("cpu"), torch.bfloat16)
+    pipeline.warn_slow_dtype(torch.device("cpu"), torch.float32)
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("warning: bfloat16 on a CPU")
     with pytest.raises(ValueError, match="--steps"):
-        sample.schedule(100000, 4096)  # would be NaN
+        pipeline.schedule(100000, 4096)  # would be NaN
 
 
 # ----------------------------------------------------------------------------------------------
@@ -564,3 +538,17 @@ def test_compare_sheet_and_table(distilled, many, tmp_path, capsys):
     sheet = Image.open(out / "sheet.png")
     assert sheet.width == 8 + 3 * (256 + 8) and sheet.height > 2 * 256
     assert f"wrote {out / 'sheet.png'}" in capsys.readouterr().out
+
+
+def test_compare_one_reference_default_keeps(distilled, tmp_path):
+    """The sweep's keeps are columns, not per-reference keeps: one reference with the default --keeps
+    (three values) runs every column (it once failed: '--keep has 3 values for 1 reference images')."""
+    import compare
+
+    REFS[0].save(tmp_path / "a.png")
+    out = tmp_path / "cmp"
+    compare.main(["--model", str(distilled[0]), "--prompt", PROMPTS[0], "--ref", str(tmp_path / "a.png"),
+                  "--selectors", "random", "--steps", "1", "--out-dir", str(out)])  # fmt: skip
+    table = json.loads((out / "compare.json").read_text())["points"]
+    assert [(p["selector"], p["keep"]) for p in table] == [("dense", 1.0), ("random", 0.25), ("random", 0.1), ("random", 0.05)]
+    assert [p["ref_tokens"] for p in table] == [20, 5, 2, 1]  # 80x70 px -> 80x64 -> 5 x 4 tokens

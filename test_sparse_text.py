@@ -1,8 +1,7 @@
 """Tests for text_encoder.py against transformers' Qwen3 and diffusers' Flux2KleinPipeline (oracles),
 on a tiny random Qwen3 and an offline byte-level BPE tokenizer (nothing is downloaded).
 
-The fixture builders `make_tiny_tokenizer`, `make_tiny_qwen3` and `make_tiny_text_encoder_repo` are
-module level so that other tests (end-to-end sampling) can reuse them.
+The tiny repository builders live in tiny.py.
 """
 
 import json
@@ -11,106 +10,10 @@ import warnings
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers, trainers
 
 import text_encoder
 from text_encoder import Qwen3Config, TextEncoder, chat_prompt
-
-# Qwen3's chat template (Qwen/Qwen3-* tokenizer_config.json, taken from public copies; klein's tokenizer/
-# carries Qwen3-4B's / Qwen3-8B's). Only its user-message and generation-prompt branches matter here.
-QWEN3_CHAT_TEMPLATE = """{%- if tools %}
-    {{- '<|im_start|>system\\n' }}
-    {%- if messages[0].role == 'system' %}
-        {{- messages[0].content + '\\n\\n' }}
-    {%- endif %}
-    {{- "# Tools\\n\\nYou may call one or more functions to assist with the user query.\\n\\nYou are provided with function signatures within <tools></tools> XML tags:\\n<tools>" }}
-    {%- for tool in tools %}
-        {{- "\\n" }}
-        {{- tool | tojson }}
-    {%- endfor %}
-    {{- "\\n</tools>\\n\\nFor each function call, return a json object with function name and arguments within <tool_call></tool_call> XML tags:\\n<tool_call>\\n{\\"name\\": <function-name>, \\"arguments\\": <args-json-object>}\\n</tool_call><|im_end|>\\n" }}
-{%- else %}
-    {%- if messages[0].role == 'system' %}
-        {{- '<|im_start|>system\\n' + messages[0].content + '<|im_end|>\\n' }}
-    {%- endif %}
-{%- endif %}
-{%- set ns = namespace(multi_step_tool=true, last_query_index=messages|length - 1) %}
-{%- for message in messages[::-1] %}
-    {%- set index = (messages|length - 1) - loop.index0 %}
-    {%- if ns.multi_step_tool and message.role == "user" and not(message.content.startswith('<tool_response>') and message.content.endswith('</tool_response>')) %}
-        {%- set ns.multi_step_tool = false %}
-        {%- set ns.last_query_index = index %}
-    {%- endif %}
-{%- endfor %}
-{%- for message in messages %}
-    {%- if (message.role == "user") or (message.role == "system" and not loop.first) %}
-        {{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>' + '\\n' }}
-    {%- elif message.role == "assistant" %}
-        {%- set content = message.content %}
-        {%- set reasoning_content = '' %}
-        {%- if message.reasoning_content is defined and message.reasoning_content is not none %}
-            {%- set reasoning_content = message.reasoning_content %}
-        {%- else %}
-            {%- if '</think>' in message.content %}
-                {%- set content = message.content.split('</think>')[-1].lstrip('\\n') %}
-                {%- set reasoning_content = message.content.split('</think>')[0].rstrip('\\n').split('<think>')[-1].lstrip('\\n') %}
-            {%- endif %}
-        {%- endif %}
-        {%- if loop.index0 > ns.last_query_index %}
-            {%- if loop.last or (not loop.last and reasoning_content) %}
-                {{- '<|im_start|>' + message.role + '\\n<think>\\n' + reasoning_content.strip('\\n') + '\\n</think>\\n\\n' + content.lstrip('\\n') }}
-            {%- else %}
-                {{- '<|im_start|>' + message.role + '\\n' + content }}
-            {%- endif %}
-        {%- else %}
-            {{- '<|im_start|>' + message.role + '\\n' + content }}
-        {%- endif %}
-        {%- if message.tool_calls %}
-            {%- for tool_call in message.tool_calls %}
-                {%- if (loop.first and content) or (not loop.first) %}
-                    {{- '\\n' }}
-                {%- endif %}
-                {%- if tool_call.function %}
-                    {%- set tool_call = tool_call.function %}
-                {%- endif %}
-                {{- '<tool_call>\\n{"name": "' }}
-                {{- tool_call.name }}
-                {{- '", "arguments": ' }}
-                {%- if tool_call.arguments is string %}
-                    {{- tool_call.arguments }}
-                {%- else %}
-                    {{- tool_call.arguments | tojson }}
-                {%- endif %}
-                {{- '}\\n</tool_call>' }}
-            {%- endfor %}
-        {%- endif %}
-        {{- '<|im_end|>\\n' }}
-    {%- elif message.role == "tool" %}
-        {%- if loop.first or (messages[loop.index0 - 1].role != "tool") %}
-            {{- '<|im_start|>user' }}
-        {%- endif %}
-        {{- '\\n<tool_response>\\n' }}
-        {{- message.content }}
-        {{- '\\n</tool_response>' }}
-        {%- if loop.last or (messages[loop.index0 + 1].role != "tool") %}
-            {{- '<|im_end|>\\n' }}
-        {%- endif %}
-    {%- endif %}
-{%- endfor %}
-{%- if add_generation_prompt %}
-    {{- '<|im_start|>assistant\\n' }}
-    {%- if enable_thinking is defined and enable_thinking is false %}
-        {{- '<think>\\n\\n</think>\\n\\n' }}
-    {%- endif %}
-{%- endif %}"""
-
-TOKENIZER_TRAINING_TEXT = [
-    "a photo of a red fox jumping over a lazy brown dog in the snow",
-    "a watercolor painting of a lighthouse on a rocky coast at sunset",
-    "the same cat, now wearing a small blue hat, sitting on a wooden chair",
-    "put the person from image 1 into the kitchen of image 2, keep the lighting",
-    "close-up portrait, soft studio light, 85mm lens, shallow depth of field",
-]
+from tiny import TOKENIZER_TRAINING_TEXT, make_tiny_text_encoder_repo
 
 PROMPTS = [
     "a red fox in the snow",  # short: most of the 512 positions are padding
@@ -118,84 +21,6 @@ PROMPTS = [
     "with 3 boats and the same cat wearing a blue hat",
 ]
 LAYERS = (9, 18, 27)
-
-
-def make_tiny_tokenizer(folder):
-    """Offline stand-in for klein's tokenizer/: a byte-level BPE trained on a few sentences, wrapped as
-    transformers' Qwen2Tokenizer with Qwen3's special tokens and chat template, saved to `folder`
-    (writes tokenizer.json, tokenizer_config.json, chat_template.jinja). Returns the tokenizer."""
-    from transformers import Qwen2Tokenizer
-
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    trainer = trainers.BpeTrainer(
-        vocab_size=400, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
-    )
-    bpe.train_from_iterator(TOKENIZER_TRAINING_TEXT, trainer=trainer)
-    bpe_model = json.loads(bpe.to_str())["model"]
-    # merges must be tuples (strings raise "failed to extract enum PyMerges")
-    tokenizer = Qwen2Tokenizer(vocab=bpe_model["vocab"], merges=[tuple(m) for m in bpe_model["merges"]])
-    # as in Qwen3: <|endoftext|> (pad/eos, added by Qwen2Tokenizer) and the chat markers are special,
-    # the think markers are plain added tokens
-    tokenizer.add_tokens(
-        [
-            AddedToken("<|im_start|>", special=True, normalized=False),
-            AddedToken("<|im_end|>", special=True, normalized=False),
-            AddedToken("<think>", special=False, normalized=False),
-            AddedToken("</think>", special=False, normalized=False),
-        ]
-    )
-    tokenizer.chat_template = QWEN3_CHAT_TEMPLATE
-    tokenizer.save_pretrained(folder)
-    return tokenizer
-
-
-def make_tiny_qwen3(
-    folder, vocab_size, hidden_size=32, num_hidden_layers=28, tie_word_embeddings=True, max_shard_size=None, seed=0
-):
-    """A tiny random transformers Qwen3ForCausalLM saved to `folder` (config.json + safetensors; sharded
-    with model.safetensors.index.json when `max_shard_size` is given, e.g. "20KB"). 4 query / 2 kv
-    heads of dim 16 (q width 64 != hidden 32, like Qwen3's explicit head_dim). The klein context
-    width is 3 * hidden_size. Returns the model."""
-    from transformers import Qwen3Config as HFQwen3Config
-    from transformers import Qwen3ForCausalLM
-
-    torch.manual_seed(seed)
-    config = HFQwen3Config(
-        vocab_size=vocab_size,
-        hidden_size=hidden_size,
-        intermediate_size=2 * hidden_size,
-        num_hidden_layers=num_hidden_layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        max_position_embeddings=1024,
-        rms_norm_eps=1e-6,
-        rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0},
-        tie_word_embeddings=tie_word_embeddings,
-        initializer_range=0.05,
-    )
-    model = Qwen3ForCausalLM(config).eval()
-    with torch.no_grad():  # non-trivial norm weights, so a mixed-up norm cannot go unnoticed
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.uniform_(0.5, 1.5)
-    model.save_pretrained(folder, **({"max_shard_size": max_shard_size} if max_shard_size else {}))
-    return model
-
-
-def make_tiny_text_encoder_repo(root, hidden_size=32, sharded=False, tie_word_embeddings=True):
-    """The text part of a klein repository folder: root/tokenizer/ and root/text_encoder/ (a 28-layer
-    tiny Qwen3, so hidden-state indices 9, 18, 27 exist). Returns (tokenizer, model)."""
-    tokenizer = make_tiny_tokenizer(root / "tokenizer")
-    model = make_tiny_qwen3(
-        root / "text_encoder",
-        vocab_size=len(tokenizer),
-        hidden_size=hidden_size,
-        tie_word_embeddings=tie_word_embeddings,
-        max_shard_size="20KB" if sharded else None,
-    )
-    return tokenizer, model
 
 
 # ----------------------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from diffusers import AutoencoderKLFlux2, Flux2KleinPipeline, Flux2Transformer2DModel
+from diffusers import Flux2KleinPipeline, Flux2Transformer2DModel
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -18,10 +18,10 @@ import data
 import lora
 import train
 from data import CachedDataset, ManifestError, cache_dataset, read_manifest
+from files import load_image
 from model import Flux2, config_from_diffusers, diffusers_to_bfl
-from sample import load_image, prepare_reference, to_tensor
-from test_sparse_model import TINY, make_inputs, randomize_
-from test_sparse_text import make_tiny_text_encoder_repo
+from pipeline import prepare_reference, to_tensor
+from tiny import TINY, make_inputs, randomize_, write_dataset
 from text_encoder import TextEncoder
 from vae import AutoEncoder
 
@@ -82,7 +82,8 @@ def test_saved_lora_loads_in_diffusers(pair, tmp_path):
     unmerged, want = run_both(theirs, ours)
     before = run_both(Flux2Transformer2DModel.from_pretrained(tmp_path / "transformer").eval(), ours)[1]
     assert rel_err(before, want) > 0.05  # the LoRA changes the output
-    lora.merge(ours)
+    for m in lora.lora_modules(ours).values():
+        m.merge()
     merged, _ = run_both(theirs, ours)
     err_unmerged, err_merged = rel_err(unmerged, want), rel_err(merged, want)
     print(f"\nsaved LoRA vs diffusers: unmerged {err_unmerged:.2e}, merged {err_merged:.2e} (max abs / max |out|)")
@@ -95,7 +96,8 @@ def test_saved_lora_loads_in_diffusers(pair, tmp_path):
     for k, v in fresh.state_dict().items():
         assert rel_err(v, fused[k]) < 1e-6, k
         assert rel_err(v, ours.state_dict()[k]) < 1e-6, k
-    lora.unmerge(ours)
+    for m in lora.lora_modules(ours).values():
+        m.unmerge()
     assert max(rel_err(ours.state_dict()[k], v) for k, v in base.items()) < 1e-6
 
 
@@ -232,7 +234,8 @@ def test_unmerged_load_equals_merged(pair, tmp_path):
         a = unmerged(img, img_ids, txt, txt_ids, t, ref=ref[0], ref_ids=ref_ids[0])
         b = ours(img, img_ids, txt, txt_ids, t, ref=ref[0], ref_ids=ref_ids[0])
     assert rel_err(a, b) < 1e-5
-    lora.merge(unmerged)
+    for m in lora.lora_modules(unmerged).values():
+        m.merge()
     for k, v in ours.state_dict().items():
         assert rel_err(unmerged.state_dict()[k], v) < 1e-6, k
 
@@ -257,56 +260,6 @@ def test_bad_lora_keys(pair):
 
 # ----------------------------------------------------------------------------------------------
 # Data: a tiny klein repository and a manifest of synthetic images
-
-TINY_KLEIN = dict(TINY, joint_attention_dim=96)  # text context = 3 x the tiny Qwen3's hidden size 32
-# 4 levels as FLUX.2 (16 px per token); 4 latent channels x 2x2 patch = TINY's 16 in_channels
-TINY_VAE = dict(block_out_channels=(8, 8, 8, 8), layers_per_block=1, latent_channels=4, norm_num_groups=4)
-
-
-def smooth_image(rng, w, h):
-    """A random RGB image with large-scale structure (an upsampled 4x4 pattern)."""
-    small = rng.integers(0, 256, (4, 4, 3), dtype=np.uint8)
-    return Image.fromarray(small).resize((w, h), Image.Resampling.BICUBIC)
-
-
-def write_dataset(folder, n=7, seed=0):
-    """n examples in two target buckets (64x64 and 96x64 px): the target is its first reference's
-    colours inverted; some examples have a second reference of another size. Returns the manifest."""
-    rng = np.random.default_rng(seed)
-    os.makedirs(folder / "img", exist_ok=True)
-    prompts = ["invert the colours", "make it a negative", "invert the colours"]
-    lines = []
-    for i in range(n):
-        w = 64 if i % 2 == 0 else 96
-        ref = smooth_image(rng, w, 64)
-        ref.save(folder / "img" / f"ref{i}.png")
-        Image.fromarray(255 - np.array(ref)).save(folder / "img" / f"target{i}.png")
-        refs = [f"img/ref{i}.png"]
-        if i % 3 == 0:
-            smooth_image(rng, 80, 64).save(folder / "img" / f"extra{i}.png")
-            refs.append(f"img/extra{i}.png")
-        task = "edit" if i % 2 else "subject"
-        lines.append(dict(prompt=prompts[i % 3], target=f"img/target{i}.png", references=refs, task=task))
-    manifest = folder / "train.jsonl"
-    manifest.write_text("".join(json.dumps(line) + "\n" for line in lines))
-    return manifest
-
-
-@pytest.fixture(scope="module")
-def klein(tmp_path_factory):
-    """A tiny klein repository folder (transformer, vae, text_encoder, tokenizer, each saved by
-    diffusers/transformers) and a manifest; the cache of that manifest made with our VAE and text encoder."""
-    root = tmp_path_factory.mktemp("klein")
-    torch.manual_seed(0)
-    randomize_(Flux2Transformer2DModel(**TINY_KLEIN)).save_pretrained(root / "transformer")
-    AutoencoderKLFlux2(**TINY_VAE).save_pretrained(root / "vae")
-    make_tiny_text_encoder_repo(root)
-    manifest = write_dataset(root / "data")
-    cache = root / "cache"
-    vae, text_encoder = AutoEncoder.from_pretrained(str(root)), TextEncoder.from_pretrained(str(root))
-    cache_dataset(str(manifest), vae, text_encoder, str(cache), progress=False)
-    return root, manifest, cache
-
 
 def test_cache(klein, tmp_path, monkeypatch):
     root, manifest, cache = klein

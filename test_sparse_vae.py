@@ -15,28 +15,11 @@ from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
 from safetensors.torch import load_file, save_file
 
 import vae as V
-from vae import AutoEncoder, AutoEncoderConfig, bfl_to_diffusers, diffusers_to_bfl, pack, patchify, unpack, unpatchify
+from tiny import tiny_diffusers_vae
+from vae import AutoEncoder, AutoEncoderConfig, to_diffusers_names, to_bfl_names, pack, patchify, unpack, unpatchify
 
 # float32; observed errors are ~1e-6 of the output scale (different but equivalent kernels: 1x1 conv vs Linear)
 RTOL = 1e-5
-
-
-def tiny_diffusers_vae(seed: int, **config) -> AutoencoderKLFlux2:
-    torch.manual_seed(seed)
-    vae = AutoencoderKLFlux2(**config).eval()
-    with torch.no_grad():
-        for m in vae.modules():
-            if isinstance(m, torch.nn.GroupNorm):  # identity affines would hide swapped/misplaced norms
-                m.weight.copy_(1 + 0.2 * torch.randn_like(m.weight))
-                m.bias.copy_(0.2 * torch.randn_like(m.bias))
-        for attn in (vae.encoder.mid_block.attentions[0], vae.decoder.mid_block.attentions[0]):
-            # sharpen the softmax (default init gives near-uniform attention, which would hide a q/k mix-up)
-            attn.to_q.weight.mul_(3.0)
-            attn.to_k.weight.mul_(3.0)
-        vae.bn.running_mean.copy_(0.5 * torch.randn_like(vae.bn.running_mean))
-        vae.bn.running_var.copy_(0.2 + 2.0 * torch.rand_like(vae.bn.running_var))
-        vae.bn.num_batches_tracked.fill_(123)
-    return vae
 
 
 def pipeline_encode(vae: AutoencoderKLFlux2, x: torch.Tensor) -> torch.Tensor:
@@ -127,7 +110,7 @@ def test_real_config_matches_diffusers_layout():
     """The default config is the real FLUX.2 VAE: same 251 tensors / 84,046,115 params as diffusers, renamed."""
     with torch.device("meta"):
         ours, theirs = AutoEncoder(), AutoencoderKLFlux2()
-    ours_sd, converted = ours.state_dict(), diffusers_to_bfl(theirs.state_dict(), 4)
+    ours_sd, converted = ours.state_dict(), to_bfl_names(theirs.state_dict(), 4)
     assert len(ours_sd) == 251
     assert sum(p.numel() for p in ours.parameters()) == 84_046_115
     assert {k: v.shape for k, v in converted.items()} == {k: v.shape for k, v in ours_sd.items()}
@@ -199,7 +182,7 @@ def test_dtype_and_device_arguments(vae_a, folders_a, images):
 
 @pytest.fixture(scope="module")
 def bfl_file_b(vae_b, tmp_path_factory):
-    sd = diffusers_to_bfl(vae_b.state_dict(), num_levels=4)
+    sd = to_bfl_names(vae_b.state_dict(), num_levels=4)
     del sd["bn.num_batches_tracked"]  # BFL's converter mapping has no such key; the loader must not need it
     path = tmp_path_factory.mktemp("bfl") / "ae.safetensors"
     save_file(sd, path)
@@ -223,7 +206,7 @@ def test_bfl_names_verified_by_diffusers_converter(vae_b, bfl_file_b):
     assert all(torch.equal(theirs[k], ref[k]) for k in theirs)
     assert all(torch.equal(bfl[k], ref[k]) for k in ("bn.running_mean", "bn.running_var"))
     # and our inverse gives the diffusers state dict back
-    back = bfl_to_diffusers(bfl, num_levels=4)
+    back = to_diffusers_names(bfl, num_levels=4)
     assert set(back) | {"bn.num_batches_tracked"} == set(ref)
     assert all(torch.equal(back[k], ref[k]) for k in back)
 
@@ -311,7 +294,7 @@ def test_bad_checkpoint_lists_every_problem(folders_a, tmp_path):
     assert "unexpected: encoder.extra.weight" in msg
     assert "encoder.conv_in.bias: (7,) vs (32,)" in msg
 
-    bfl = diffusers_to_bfl(load_file(folders_a / "vae_only" / "diffusion_pytorch_model.safetensors"), 4)
+    bfl = to_bfl_names(load_file(folders_a / "vae_only" / "diffusion_pytorch_model.safetensors"), 4)
     del bfl["decoder.up.3.block.2.conv1.weight"]  # == up_blocks.0 above
     bfl["decoder.junk"] = torch.zeros(1)
     save_file(bfl, tmp_path / "ae.safetensors")

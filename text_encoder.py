@@ -9,6 +9,8 @@ unmasked, so the hidden states at padding positions matter and must equal transf
 Only the decoder layers up to the deepest requested index are built and loaded; later layers, the
 final norm and the LM head never run, so they are not read from the checkpoint.
 Parameter names equal the Hugging Face checkpoint keys (`model.layers.N.self_attn.q_proj.weight`).
+
+May import: files.
 """
 
 import re
@@ -22,7 +24,7 @@ import torch.nn.functional as F
 from huggingface_hub import snapshot_download
 from tokenizers import Tokenizer
 
-from model import check_file, diffusers_weight_files, field, load_into, read_json, read_safetensors, resolve_component
+from files import check_file, diffusers_weight_files, field, load_into, read_json, read_safetensors, resolve_component
 
 
 @dataclass
@@ -36,9 +38,7 @@ class Qwen3Config:
     head_dim: int = 128  # Qwen3 sets it explicitly: heads * head_dim need not equal hidden_size
     rms_norm_eps: float = 1e-6
     rope_theta: float = 1_000_000.0
-    max_position_embeddings: int = 40960
     attention_bias: bool = False
-    tie_word_embeddings: bool = True  # lm_head shares embed_tokens; irrelevant here (no LM head)
 
     @classmethod
     def from_json(cls, path):
@@ -67,9 +67,7 @@ class Qwen3Config:
             head_dim=field(raw, "head_dim", path, default=hidden // heads),
             rms_norm_eps=field(raw, "rms_norm_eps", path, float, default=cls.rms_norm_eps),
             rope_theta=float(theta),
-            max_position_embeddings=field(raw, "max_position_embeddings", path, default=cls.max_position_embeddings),
             attention_bias=field(raw, "attention_bias", path, bool, default=False),
-            tie_word_embeddings=field(raw, "tie_word_embeddings", path, bool, default=cls.tie_word_embeddings),
         )
         if heads % cfg.num_key_value_heads or cfg.head_dim % 2:
             raise ValueError(f"{path}: num_attention_heads {heads} must be a multiple of num_key_value_heads "

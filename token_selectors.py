@@ -15,6 +15,8 @@ canny() and spectral_residual_saliency() reimplement OpenCV's cv2.Canny (apertur
 and cv2.saliency's StaticSaliencySpectralResidual; OpenCV is the test oracle, never imported here.
 
 CLI: python token_selectors.py IMAGE --keep 0.1 --selector canny --out sel.png
+
+May import: files (and, in its command line only, pipeline's reference preparation).
 """
 import math
 import os
@@ -25,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from model import ArgumentParser, check_file, write_atomic
+from files import ArgumentParser, image_format, load_image, write_atomic
 
 PATCH = 16  # pixels per token side (FLUX.2: VAE /8, then 2x2 patchify)
 SELECTORS = ("canny", "saliency", "random")
@@ -226,7 +228,8 @@ def _check_fraction(name, value, low_open):
     return value
 
 
-def _n_keep(keep, n):
+def n_keep(keep, n):
+    """How many of n tokens a keep fraction keeps: the rule of every selector, training and the benchmark."""
     return max(1, round(keep * n))
 
 
@@ -279,7 +282,7 @@ def select_tokens(scores, keep, seed=0, uniform_mix=0.25):
     (uniform if all scores are 0); deterministic for a given integer seed. keep in (0, 1].
     """
     keep = _check_fraction("keep", keep, low_open=True)
-    return _sample(scores, _n_keep(keep, torch.as_tensor(scores).numel()), seed, uniform_mix)
+    return _sample(scores, n_keep(keep, torch.as_tensor(scores).numel()), seed, uniform_mix)
 
 
 def _split_budget(total, weights, sizes):
@@ -334,7 +337,7 @@ def select_reference_tokens(images, keep, selector="canny", seed=0, uniform_mix=
     if selector not in SELECTORS:
         raise ValueError(f"unknown selector {selector!r}; choose one of {', '.join(SELECTORS)}")
     scores = [token_scores(im, selector) for im in images]
-    counts = [_n_keep(k, len(s)) for k, s in zip(keeps, scores)]
+    counts = [n_keep(k, len(s)) for k, s in zip(keeps, scores)]
     if budget == "adaptive" and n_refs:
         sizes = [len(s) for s in scores]
         area = torch.tensor(sizes, dtype=torch.float64) / sum(sizes)
@@ -371,21 +374,11 @@ def draw_selection(image, kept, grid_w=None, dim=0.3):
     return Image.fromarray(out.permute(1, 2, 0).numpy())
 
 
-def _center_crop(image):
-    """Crop a PIL image to the largest centred size that is a multiple of the token size."""
-    W, H = (image.width // PATCH) * PATCH, (image.height // PATCH) * PATCH
-    if W == 0 or H == 0:
-        raise ValueError(f"image is {image.width}x{image.height}, "
-                         f"smaller than one {PATCH}x{PATCH} token")
-    left, top = (image.width - W) // 2, (image.height - H) // 2
-    return image.crop((left, top, left + W, top + H))
-
-
 def main(argv=None):
     parser = ArgumentParser(
         description="Show which tokens of a reference image Sparse Context keeps. The image is "
-        "converted to RGB and centre-cropped to multiples of 16 px (sample.py's preprocessing "
-        "also resizes large images, so its token grid can differ).")
+        "prepared as sample.py prepares a reference (RGB, at most 1024x1024 px in area, "
+        "centre-cropped to multiples of 16 px), so the token grid is the sampler's.")
     parser.add_argument("image", help="input image file")
     parser.add_argument("--keep", type=float, default=0.1, help="fraction of tokens kept, (0, 1]")
     parser.add_argument("--selector", choices=SELECTORS, default="canny", help="map that weights the draw")
@@ -399,18 +392,17 @@ def main(argv=None):
         _check_fraction("uniform_mix", args.uniform_mix, low_open=False)
         if not 0 <= args.seed < 2**63:
             raise ValueError(f"--seed must be in [0, 2^63), got {args.seed}")
-        fmt = Image.registered_extensions().get(os.path.splitext(args.out)[1].lower())
-        if fmt is None or fmt not in Image.SAVE:
-            raise ValueError(f"--out {args.out}: unknown image format; use .png, .jpg or .webp")
+        image_format(args.out)
         folder = os.path.dirname(os.path.abspath(args.out))
         if not os.path.isdir(folder) or os.path.isdir(args.out):
             raise ValueError(f"--out {args.out}: {'is a folder' if os.path.isdir(args.out) else 'its folder does not exist'}")
-        with Image.open(check_file(args.image, "image")) as f:
-            image = _center_crop(f.convert("RGB"))
+        from pipeline import prepare_reference  # not at the top: the pipeline imports this module
+
+        image = prepare_reference(load_image(args.image))
         kept = select_reference_tokens([image], args.keep, args.selector, args.seed, args.uniform_mix)[0]
         grid_w = image.width // PATCH
         drawing = draw_selection(image, kept, grid_w)
-        write_atomic(args.out, lambda tmp: drawing.save(tmp, format=fmt))
+        write_atomic(args.out, drawing)
     except Exception as e:  # PIL raises many kinds (UnidentifiedImageError, DecompressionBombError, ...)
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         sys.exit(1)

@@ -25,7 +25,7 @@ Nothing random depends on which process holds an example, so the update equals t
 update with the same G (up to float summation order), and a resumed run repeats an uninterrupted one.
 
 Sigma: logit-normal (mean 0, std 1), then klein's exponential shift s' = e^mu / (e^mu + 1/s - 1)
-with mu = sample.empirical_mu(target tokens, 50): training puts its sigmas where klein's sampler
+with mu = pipeline.empirical_mu(target tokens, 50): training puts its sigmas where klein's sampler
 spends its steps at that resolution (50 is the base models' step count, the ones one fine-tunes).
 References may differ per example in size and kept count; examples of one step that agree in
 target grid share a forward (up to batch_size), their references padded to the longest and the
@@ -34,6 +34,7 @@ padding masked out of attention (model ref_mask).
 
 import gc
 import hashlib
+import io
 import json
 import math
 import os
@@ -45,13 +46,15 @@ from tqdm import tqdm
 
 import lora
 from data import CachedDataset, check_max_area, check_out_dir, encode_manifest, read_manifest
-from model import STALE_TEMP, ArgumentParser, Flux2, check_file, fault_point, field, load_checkpoint, remove_stale_temps, write_atomic
-from sample import empirical_mu, grid_ids, text_ids
+from files import STALE_TEMP, ArgumentParser, check_file, fault_point, field, remove_stale_temps, write_atomic
+from model import Flux2, load_checkpoint
+from pipeline import empirical_mu, grid_ids, text_ids
+from token_selectors import n_keep
 from vae import pack
 
 MU_STEPS = 50  # the step count whose schedule shift training follows (base klein's default)
 CHECKPOINT, LORA_FILE, LOG = "checkpoint.pt", "pytorch_lora_weights.safetensors", "log.jsonl"
-MAX_STEPS = 10**8  # bounds --steps, --warmup and --save-every
+MAX_OPTIMIZER_STEPS = 10**8  # bounds --steps, --warmup and --save-every
 # what defines a run: --resume refuses to change these (the number of processes may change)
 RUN = (
     "rank", "alpha", "targets", "lr", "weight_decay", "warmup", "max_grad_norm", "keep_range", "keep_all_prob", "kv", "seed",
@@ -81,7 +84,7 @@ def drop_references(refs, g, keep_range, keep_all_prob):
         if not keep_all:
             lo, hi = keep_range
             f = lo + (hi - lo) * torch.rand((), generator=g).item()
-            keep = torch.randperm(h * w, generator=g)[: max(1, round(f * h * w))].sort().values
+            keep = torch.randperm(h * w, generator=g)[: n_keep(f, h * w)].sort().values
             x, i = x[keep], i[keep]
         tokens.append(x)
         ids.append(i)
@@ -177,8 +180,8 @@ def read_checkpoint(path):
         raise ValueError(f"cannot read checkpoint {path} (damaged, or not written by train.py): {reason}") from None
     if not isinstance(state, dict):
         raise ValueError(f"checkpoint {path} must hold a dict, got {type(state).__name__}")
-    if field(state, "step", path) > MAX_STEPS:
-        raise ValueError(f"{path}: field 'step' is {state['step']}, above {MAX_STEPS}")
+    if field(state, "step", path) > MAX_OPTIMIZER_STEPS:
+        raise ValueError(f"{path}: field 'step' is {state['step']}, above {MAX_OPTIMIZER_STEPS}")
     for name in ("run", "lora", "optimizer"):
         field(state, name, path, dict)
     field(state, "lora_file_sha256", path, str)
@@ -298,13 +301,10 @@ def save(out, model, opt, step, run):
     blob = lora.lora_file(model)
     lora_params = {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad}
     state = dict(step=step, run=run, lora=lora_params, optimizer=opt.state_dict(), lora_file_sha256=hashlib.sha256(blob).hexdigest())
-
-    def write(tmp):
-        with open(tmp, "wb") as f:  # a file object: the archive inside is named the same every time
-            torch.save(state, f)
-
-    write_atomic(os.path.join(out, CHECKPOINT), write)
-    lora.write_bytes(os.path.join(out, LORA_FILE), blob)
+    buffer = io.BytesIO()  # a file object: the archive inside is named the same every time
+    torch.save(state, buffer)
+    write_atomic(os.path.join(out, CHECKPOINT), buffer.getvalue())
+    write_atomic(os.path.join(out, LORA_FILE), blob)
 
 
 def restore(state, model, opt):
@@ -375,12 +375,7 @@ def run_training(args, rank, world, device):
             lora.save_lora(model, lora_path)
         if os.path.exists(log_path):  # drop the lines after the checkpoint (all of them, starting over)
             lines = read_log(log_path, start)
-
-            def write_log(tmp):
-                with open(tmp, "w") as f:
-                    f.writelines(lines)
-
-            write_atomic(log_path, write_log)
+            write_atomic(log_path, "".join(lines))
     if start == args.steps:
         if rank == 0:
             print(f"the run had reached step {start}; restored its LoRA: {lora_path}")
@@ -472,10 +467,10 @@ def parse_args(argv=None):
     if not 0 <= args.keep_all_prob <= 1:
         p.error(f"--keep-all-prob must be in [0, 1], got {args.keep_all_prob}")
     for name in ("steps", "rank", "batch_size", "grad_accum", "save_every"):
-        if not 1 <= getattr(args, name) <= MAX_STEPS:
-            p.error(f"--{name.replace('_', '-')} must be in [1, {MAX_STEPS}], got {getattr(args, name)}")
-    if not 0 <= args.warmup <= MAX_STEPS:
-        p.error(f"--warmup must be in [0, {MAX_STEPS}], got {args.warmup}")
+        if not 1 <= getattr(args, name) <= MAX_OPTIMIZER_STEPS:
+            p.error(f"--{name.replace('_', '-')} must be in [1, {MAX_OPTIMIZER_STEPS}], got {getattr(args, name)}")
+    if not 0 <= args.warmup <= MAX_OPTIMIZER_STEPS:
+        p.error(f"--warmup must be in [0, {MAX_OPTIMIZER_STEPS}], got {args.warmup}")
     if not 0 <= args.seed < 2**63:
         p.error(f"--seed must be in [0, 2^63), got {args.seed}")
     for name in ("lr", "max_grad_norm") + (("alpha",) if args.alpha is not None else ()):

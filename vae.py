@@ -7,7 +7,9 @@ Image (B, 3, H, W) in [-1, 1]  <->  normalized latents (B, 128, H/16, W/16).
     decode: the exact inverse order, Decoder ends with conv_out (no clamp, no tanh)
 
 Parameter names follow BFL's `ae.safetensors` (encoder.down.0.block.0.conv1.weight, ...), so that file
-loads as is; diffusers `vae/` folders are renamed on load (`diffusers_to_bfl`).
+loads as is; diffusers `vae/` folders are renamed on load (`to_bfl_names`).
+
+May import: files.
 """
 
 import os
@@ -20,7 +22,7 @@ import torch.nn.functional as F
 from huggingface_hub import snapshot_download
 from torch import nn
 
-from model import diffusers_weight_files, field, load_into, read_json, read_safetensors, resolve_component
+from files import diffusers_weight_files, field, load_into, read_json, read_safetensors, resolve_component
 
 PATCH = 2  # latents are cut into 2x2 patches: 32 channels x 4 = the 128 the transformer sees
 
@@ -130,38 +132,27 @@ class MidBlock(nn.Module):
         return self.block_2(self.attn_1(self.block_1(x)))
 
 
-class EncoderLevel(nn.Module):
-    """`encoder.down.i`: resnets at one resolution, then (except on the last level) a Downsample."""
+class Level(nn.Module):
+    """One resolution: resnets, then an optional resample, named as BFL names it.
 
-    def __init__(self, in_channels: int, out_channels: int, num_blocks: int, groups: int, downsample: bool):
-        super().__init__()
-        channels = [in_channels] + [out_channels] * num_blocks
-        self.block = nn.ModuleList(ResnetBlock(channels[j], channels[j + 1], groups) for j in range(num_blocks))
-        self.downsample = Downsample(out_channels) if downsample else None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for block in self.block:
-            x = block(x)
-        return x if self.downsample is None else self.downsample(x)
-
-
-class DecoderLevel(nn.Module):
-    """`decoder.up.i`: resnets at one resolution, then (except on level 0) an Upsample.
-
-    BFL indexes decoder levels by resolution like the encoder does (up.0 is the full-resolution,
-    last-run level); diffusers numbers them in execution order, so up.i == up_blocks.(L-1-i).
+    `encoder.down.i` ends in a Downsample (`downsample`) except on the last level; `decoder.up.i` in an
+    Upsample (`upsample`) except on level 0. BFL indexes decoder levels by resolution like the encoder
+    does (up.0 is the full-resolution, last-run level); diffusers numbers them in execution order, so
+    up.i == up_blocks.(L-1-i).
     """
 
-    def __init__(self, in_channels: int, out_channels: int, num_blocks: int, groups: int, upsample: bool):
+    def __init__(self, in_channels: int, out_channels: int, num_blocks: int, groups: int, resample: str | None):
         super().__init__()
         channels = [in_channels] + [out_channels] * num_blocks
         self.block = nn.ModuleList(ResnetBlock(channels[j], channels[j + 1], groups) for j in range(num_blocks))
-        self.upsample = Upsample(out_channels) if upsample else None
+        self.resample = resample  # None, "downsample" or "upsample": the attribute holding it
+        if resample is not None:
+            setattr(self, resample, (Downsample if resample == "downsample" else Upsample)(out_channels))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for block in self.block:
             x = block(x)
-        return x if self.upsample is None else self.upsample(x)
+        return x if self.resample is None else getattr(self, self.resample)(x)
 
 
 class Encoder(nn.Module):
@@ -172,7 +163,7 @@ class Encoder(nn.Module):
         ch, groups, n = cfg.block_out_channels, cfg.norm_num_groups, len(cfg.block_out_channels)
         self.conv_in = nn.Conv2d(cfg.in_channels, ch[0], 3, padding=1)
         self.down = nn.ModuleList(
-            EncoderLevel(ch[max(i - 1, 0)], ch[i], cfg.layers_per_block, groups, downsample=i < n - 1)
+            Level(ch[max(i - 1, 0)], ch[i], cfg.layers_per_block, groups, "downsample" if i < n - 1 else None)
             for i in range(n)
         )
         self.mid = MidBlock(ch[-1], groups)
@@ -200,7 +191,7 @@ class Decoder(nn.Module):
         self.mid = MidBlock(ch[-1], groups)
         # level i goes from the channels of level i+1 (the one run before it) to ch[i]
         self.up = nn.ModuleList(
-            DecoderLevel(ch[min(i + 1, n - 1)], ch[i], cfg.layers_per_block + 1, groups, upsample=i > 0)
+            Level(ch[min(i + 1, n - 1)], ch[i], cfg.layers_per_block + 1, groups, "upsample" if i > 0 else None)
             for i in range(n)
         )
         self.norm_out = group_norm(ch[0], groups)
@@ -318,7 +309,7 @@ class AutoEncoder(nn.Module):
             sd = read_safetensors([path])
             from_diffusers = any(k.startswith(("encoder.down_blocks.", "decoder.up_blocks.")) for k in sd)
             if from_diffusers:
-                sd = diffusers_to_bfl(sd, _num_levels(sd, "encoder.down_blocks."))
+                sd = to_bfl_names(sd, _num_levels(sd, "encoder.down_blocks."))
             cfg = config_from_state_dict(sd)
         else:
             config_file = path / "config.json"
@@ -326,7 +317,7 @@ class AutoEncoder(nn.Module):
                 raise FileNotFoundError(f"{config_file} not found: not a diffusers VAE folder or repository")
             cfg = config_from_diffusers(read_json(config_file), config_file)
             sd = read_safetensors(diffusers_weight_files(path, "diffusion_pytorch_model"))
-            sd, from_diffusers = diffusers_to_bfl(sd, len(cfg.block_out_channels)), True
+            sd, from_diffusers = to_bfl_names(sd, len(cfg.block_out_channels)), True
 
         with torch.device("meta"):
             model = cls(cfg)
@@ -398,7 +389,7 @@ def _as_list(v):
     return list(v) if isinstance(v, (list, tuple)) else v
 
 
-# diffusers prefix <-> BFL prefix; {i} is a level index (reversed for decoder levels, see DecoderLevel)
+# diffusers prefix <-> BFL prefix; {i} is a level index (reversed for decoder levels, see Level)
 _RENAMES = [
     ("quant_conv.", "encoder.quant_conv."),
     ("post_quant_conv.", "decoder.post_quant_conv."),
@@ -437,7 +428,7 @@ def _rename(name: str, num_levels: int, to_bfl: bool) -> str:
     return name.replace(a, b)
 
 
-def diffusers_to_bfl(sd: dict[str, torch.Tensor], num_levels: int) -> dict[str, torch.Tensor]:
+def to_bfl_names(sd: dict[str, torch.Tensor], num_levels: int) -> dict[str, torch.Tensor]:
     """diffusers AutoencoderKLFlux2 state dict -> BFL names; attention Linear [C, C] -> 1x1 conv [C, C, 1, 1].
 
     Names it does not know pass through unchanged (and are then reported as unexpected by the loader).
@@ -449,8 +440,8 @@ def diffusers_to_bfl(sd: dict[str, torch.Tensor], num_levels: int) -> dict[str, 
     return out
 
 
-def bfl_to_diffusers(sd: dict[str, torch.Tensor], num_levels: int) -> dict[str, torch.Tensor]:
-    """Inverse of `diffusers_to_bfl`."""
+def to_diffusers_names(sd: dict[str, torch.Tensor], num_levels: int) -> dict[str, torch.Tensor]:
+    """Inverse of `to_bfl_names`."""
     out = {}
     for k, t in sd.items():
         out[_rename(k, num_levels, to_bfl=False)] = t[:, :, 0, 0] if _ATTN_WEIGHT.search(k) and t.ndim == 4 else t

@@ -1,0 +1,547 @@
+"""The klein sampling pipeline as small functions, imported by every script that samples.
+
+    text encoder -> references (prepare, select tokens, VAE-encode, gather the kept ones)
+    -> denoise with the transformer -> VAE decode
+
+`generate()` runs it end to end. Each component is loaded once, used for every image and freed
+(`loaded`), so peak memory is the largest component, not their sum. Each distinct prompt is encoded
+once; the references are encoded and selected once, and with a KV cache their K/V are extracted once
+and shared by every prompt, seed and step. The options sample.py and compare.py share are defined and
+checked here too, before any model loads.
+
+May import: files, model, vae, text_encoder, token_selectors, lora. No script (sample.py, compare.py, ...).
+"""
+
+import gc
+import math
+import numbers
+import os
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from files import DTYPES, check_number, check_writable, image_format, load_image, read_json, resolve_component, resolve_device, write_atomic
+from model import Flux2, KVCache
+from text_encoder import TextEncoder
+from token_selectors import draw_selection, select_reference_tokens
+from vae import AutoEncoder, pack, unpack
+
+MAX_SAMPLING_STEPS = 1000  # denoising steps; klein uses 4 (distilled) or 50 (base)
+MAX_SIDE = 4096  # output pixels a side (klein generates up to 4 megapixels)
+MAX_IMAGES = 10000  # images per run
+
+# ----------------------------------------------------------------------------------------------
+# Positions and schedule (pure functions)
+
+
+def text_ids(length):
+    """(L, 4) ids (0, 0, 0, i) for every text token, padding included."""
+    ids = torch.zeros(length, 4, dtype=torch.long)
+    ids[:, 3] = torch.arange(length)
+    return ids
+
+
+def grid_ids(h, w, t=0):
+    """(h * w, 4) ids (t, row, col, 0) of a token grid, row-major. Reference k has t = 10 (k + 1)."""
+    r, c = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+    return torch.stack([torch.full_like(r, t), r, c, torch.zeros_like(r)], dim=-1).flatten(0, 1)
+
+
+def empirical_mu(seq_len, num_steps):
+    """klein's schedule shift, fitted on the number of target tokens (references excluded)."""
+    a1, b1, a2, b2 = 8.73809524e-05, 1.89833333, 0.00016927, 0.45666666
+    if seq_len > 4300:
+        return a2 * seq_len + b2
+    m200, m10 = a2 * seq_len + b2, a1 * seq_len + b1
+    a = (m200 - m10) / 190.0
+    return a * num_steps + (m200 - 200.0 * a)
+
+
+def schedule(num_steps, seq_len):
+    """(num_steps + 1,) float32 sigmas from 1 to 0: linspace(1, 1/N, N), exponentially shifted.
+
+    At most MAX_SAMPLING_STEPS steps: far beyond that the fitted shift underflows exp() and sigmas turn NaN.
+    """
+    check_number("--steps", num_steps, 1, MAX_SAMPLING_STEPS, integer=True)
+    s = np.linspace(1.0, 1.0 / num_steps, num_steps).astype(np.float32)
+    e = math.exp(empirical_mu(seq_len, num_steps))
+    s = e / (e + (1 / s - 1))  # float32, as diffusers' scheduler computes it
+    return torch.cat([torch.from_numpy(s).float(), torch.zeros(1)])
+
+
+def expand_cache(cache, batch):
+    """A batch-1 KVCache seen as `batch` images' cache: the K/V are expanded views, not copies."""
+    out = KVCache()
+    out.kv = [(k.expand(batch, -1, -1, -1), v.expand(batch, -1, -1, -1)) for k, v in cache.kv]
+    return out
+
+
+def velocity(model, x, img_ids, txt, txt_ids, t, ref, ref_ids, cache):
+    """Target velocity (B, N, C) of B images that share one set of reference tokens ref (1, M, C).
+
+    No cache: every image runs the references (they attend to its text and target). Empty cache:
+    the first image runs them in the KV pattern and fills the cache; the other images, like every
+    later call, attend to the cached K/V and run no reference token.
+    """
+    B = x.shape[0]
+    if cache is None:
+        refs = {} if ref is None else dict(ref=ref.expand(B, -1, -1), ref_ids=ref_ids)
+        return model(x, img_ids, txt, txt_ids, t, **refs)
+    if len(cache) == 0:
+        if ref.shape[0] == B:  # one set of references per image (e.g. an evaluation batch): fill from all
+            return model(x, img_ids, txt, txt_ids, t, ref=ref, ref_ids=ref_ids, kv_cache=cache)
+        v = model(x[:1], img_ids, txt[:1], txt_ids, t[:1], ref=ref, ref_ids=ref_ids, kv_cache=cache)
+        if B == 1:
+            return v
+        return torch.cat([v, velocity(model, x[1:], img_ids, txt[1:], txt_ids, t[1:], None, None, cache)])
+    return model(x, img_ids, txt, txt_ids, t, kv_cache=expand_cache(cache, B))
+
+
+def denoise(model, x, img_ids, txt, txt_ids, sigmas, ref=None, ref_ids=None, kv_cache=None,
+            guidance=1.0, neg_txt=None, progress=False):  # fmt: skip
+    """Flow-matching Euler from noise x (B, N, C) at sigmas[0] to sigmas[-1]; returns x.
+
+    txt (B, L, J): each image's prompt; ref (1, M, C), ref_ids (M, 4): references all images share.
+    With guidance > 1 (base checkpoints) the velocity is v_u + g (v_c - v_u) from a second pass on
+    neg_txt (1, L, J). kv_cache: None, or a KVCache: empty, it is filled at the first step from one
+    image; filled, it is reused as it is. In the KV pattern references see neither text nor target,
+    so one extraction is exact for both CFG passes, every prompt, every seed and every later call.
+    progress: False or a progress-bar label.
+    """
+    cache = kv_cache if kv_cache is not None and (ref is not None or len(kv_cache)) else None
+    B = x.shape[0]
+    for i in tqdm(range(len(sigmas) - 1), disable=not progress, desc=progress or None):
+        t = (sigmas[i] * 1000).expand(B).to(x.dtype) / 1000  # diffusers passes timesteps / 1000
+        v = velocity(model, x, img_ids, txt, txt_ids, t, ref, ref_ids, cache)
+        if guidance > 1:
+            v_u = velocity(model, x, img_ids, neg_txt.expand(B, -1, -1), txt_ids, t, ref, ref_ids, cache)
+            v = v_u + guidance * (v - v_u)
+        x = (x.float() + (sigmas[i + 1] - sigmas[i]) * v.float()).to(v.dtype)
+    return x
+
+
+# ----------------------------------------------------------------------------------------------
+# Reference images
+
+
+def prepare_reference(image, max_area=1024 * 1024):
+    """PIL image (any mode) -> RGB PIL image exactly as klein prepares a reference.
+
+    At least 64 px a side and aspect ratio at most 8; larger than max_area: LANCZOS-resized to that
+    area; then center-cropped to multiples of 16.
+    """
+    w, h = image.size
+    if w < 64 or h < 64:
+        raise ValueError(f"reference image too small: {w}x{h}; both sides must be at least 64 px")
+    if max(w / h, h / w) > 8:
+        raise ValueError(f"reference aspect ratio too extreme: {w}x{h}; at most 8:1")
+    if w * h > max_area:
+        scale = math.sqrt(max_area / (w * h))
+        image = image.resize((int(w * scale), int(h * scale)), Image.Resampling.LANCZOS)
+        w, h = image.size
+    cw, ch = w // 16 * 16, h // 16 * 16
+    left, top = (w - cw) // 2, (h - ch) // 2
+    return image.crop((left, top, left + cw, top + ch)).convert("RGB")
+
+
+def to_tensor(image):
+    """RGB PIL image -> (1, 3, H, W) float32 in [-1, 1]."""
+    x = torch.from_numpy(np.array(image).astype(np.float32) / 255.0)
+    return (2 * x - 1).permute(2, 0, 1)[None]
+
+
+def to_image(x):
+    """(3, H, W) in [-1, 1] -> PIL image, rounded as diffusers' postprocess does."""
+    x = ((x.float().clamp(-1, 1) + 1) / 2).permute(1, 2, 0).cpu().numpy()
+    return Image.fromarray((x * 255).round().astype(np.uint8))
+
+
+def load_references(refs):
+    """Paths or PIL images (one path alone is one reference) -> RGB PIL images prepared as klein does."""
+    refs = [refs] if isinstance(refs, (str, os.PathLike, Image.Image)) else list(refs)
+    images = []
+    for r in refs:
+        path = isinstance(r, (str, os.PathLike))
+        try:
+            images.append(prepare_reference(load_image(r) if path else r))
+        except ValueError as e:
+            raise ValueError(f"{r}: {e}" if path and str(r) not in str(e) else str(e)) from None
+    return images
+
+
+def save_selection_image(images, kept, path):
+    """Each reference with its kept tokens highlighted, side by side in one image."""
+    tiles = [draw_selection(im, idx if idx is not None else torch.arange((im.size[0] // 16) * (im.size[1] // 16)))
+             for im, idx in zip(images, kept)]  # fmt: skip
+    canvas = Image.new("RGB", (sum(t.size[0] for t in tiles), max(t.size[1] for t in tiles)), "white")
+    x = 0
+    for t in tiles:
+        canvas.paste(t, (x, 0))
+        x += t.size[0]
+    write_atomic(path, canvas)
+
+
+# ----------------------------------------------------------------------------------------------
+# Checks: every value before anything loads
+
+
+def check_sampling(prompts, seeds, n_refs, steps=None, guidance=None, height=None, width=None, keep=1.0,
+                   uniform_mix=0.25, budget="uniform", kv_cache=False, save_selection=None, lora=None,
+                   lora_scale=1.0, batch_size=1):  # fmt: skip
+    """Every value and combination generate() takes; a ValueError names the (command-line) option."""
+    if not prompts or not all(isinstance(p, str) for p in prompts):
+        raise ValueError("give at least one prompt (--prompt or --prompts FILE), each a string")
+    if not seeds:
+        raise ValueError("give at least one seed")
+    for s in seeds:
+        check_number("--seed", s, 0, 2**63 - 1, integer=True)
+    if len(set(seeds)) < len(seeds):
+        raise ValueError(f"--seeds repeats a seed: {list(seeds)}")
+    check_number("number of images (prompts x seeds)", len(prompts) * len(seeds), 1, MAX_IMAGES, integer=True)
+    if steps is not None:
+        check_number("--steps", steps, 1, MAX_SAMPLING_STEPS, integer=True)
+    if guidance is not None:
+        check_number("--guidance", guidance, 1)
+    for option, v in (("--height", height), ("--width", width)):
+        if v is not None:
+            check_number(option, v, 16, MAX_SIDE, integer=True)
+    keeps = list(keep) if isinstance(keep, (list, tuple)) else [keep]
+    for k in keeps:
+        check_number("--keep", k, 0, 1, low_open=True)
+    check_number("--uniform-mix", uniform_mix, 0, 1)
+    check_number("--lora-scale", lora_scale)
+    check_number("--batch-size", batch_size, 1, MAX_IMAGES, integer=True)
+    if budget not in ("uniform", "adaptive"):
+        raise ValueError(f"unknown --budget {budget!r}; choose uniform or adaptive")
+    if n_refs == 0:
+        given = [o for o, v in (("--keep", keeps != [1.0]), ("--kv-cache", kv_cache), ("--save-selection", save_selection)) if v]
+        if given:
+            raise ValueError(f"{', '.join(given)} cannot apply without a reference image (--ref)")
+    elif len(keeps) not in (1, n_refs):
+        raise ValueError(f"--keep has {len(keeps)} values for {n_refs} reference images: give one, or one per reference")
+    if budget == "adaptive" and len(keeps) > 1:
+        raise ValueError("--budget adaptive splits one total fraction across references by structure: give one "
+                         "--keep value (or use --budget uniform for per-reference values)")  # fmt: skip
+    if save_selection is not None:
+        image_format(save_selection)
+        check_writable(save_selection, "--save-selection")
+    if lora is not None:
+        check_lora_file(lora)
+
+
+def check_lora_file(path):
+    """The LoRA (a file, or a folder holding pytorch_lora_weights.safetensors) parses and holds only
+    finite values: a NaN LoRA would give a black image."""
+    from lora import read_lora
+
+    sd, _ = read_lora(path)
+    bad = [k for k, v in sd.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise ValueError(f"LoRA file {path}: {len(bad)} tensors hold NaN or inf values, e.g. {bad[0]}")
+
+
+def check_finite(x, what, cause):
+    if not torch.isfinite(x).all():
+        raise ValueError(f"{what} is not finite (NaN or inf); likely cause: {cause}; nothing was written")
+
+
+# ----------------------------------------------------------------------------------------------
+# The pipeline in stages (compare.py and bench.py reuse them)
+
+
+@dataclass
+class SampleStats:
+    seconds: dict = field(default_factory=dict)  # stage -> wall-clock seconds
+    ref_tokens: list = field(default_factory=list)  # (before, after) selection, per reference
+    kept: list = field(default_factory=list)  # kept token indices per reference (None: all)
+
+
+def synchronize(device):
+    """Wait for the work queued on `device` (the model's, not the current CUDA device)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class Timer:
+    """Adds the wall-clock time since the last lap to stats.seconds[stage] (GPU work included)."""
+
+    def __init__(self, stats, device):
+        self.stats, self.device, self.clock = stats, device, time.perf_counter()
+
+    def lap(self, stage):
+        synchronize(self.device)
+        now = time.perf_counter()
+        self.stats.seconds[stage] = self.stats.seconds.get(stage, 0.0) + now - self.clock
+        self.clock = now
+
+
+def resolve_source(source):
+    """A local klein repository folder for a folder path or a hub id (downloads only what sampling needs)."""
+    patterns = ["model_index.json", "transformer/*", "vae/*", "text_encoder/*", "tokenizer/*"]
+    folder = resolve_component(source, None, patterns)
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"model source {source} is not a klein repository folder")
+    return folder
+
+
+def is_distilled(folder):
+    """klein's model_index.json says whether a checkpoint is step-distilled (4 steps, no CFG)."""
+    path = os.path.join(folder, "model_index.json")
+    if not os.path.isfile(path):
+        return True
+    distilled = read_json(path).get("is_distilled", False)
+    if not isinstance(distilled, bool):
+        raise ValueError(f"{path}: field 'is_distilled' must be true or false, got {distilled!r}")
+    return distilled
+
+
+def sampling_defaults(folder, steps, guidance):
+    """(steps, guidance) where not given: distilled checkpoints 4 steps without CFG, base ones 50 with CFG 4."""
+    distilled = is_distilled(folder)
+    return steps or (4 if distilled else 50), ((1.0 if distilled else 4.0) if guidance is None else guidance)
+
+
+def free(*modules):
+    for m in modules:
+        m.to("meta")
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+@contextmanager
+def loaded(component, folder, dtype, device, lora=None, lora_scale=1.0):
+    """component.from_pretrained(folder) for one `with` block, then freed: one component in memory at a
+    time. A LoRA (transformer only) is applied on load."""
+    module = component.from_pretrained(folder, dtype=dtype, device=device)
+    try:
+        if lora:
+            from lora import load_lora
+
+            load_lora(module, lora, scale=lora_scale)
+        yield module
+    finally:
+        free(module)
+
+
+def select_references(images, keep, selector, task, seed, uniform_mix, budget):
+    """Kept token indices (row-major on each reference's 16-px grid) per reference; None keeps all."""
+    keeps = keep if isinstance(keep, (list, tuple)) else [keep] * len(images)
+    if len(keeps) != len(images):
+        raise ValueError(f"--keep has {len(keeps)} values for {len(images)} reference images")
+    if all(k == 1 for k in keeps) and budget == "uniform":
+        return [None] * len(images)  # dense: bit-identical to klein
+    if task not in ("edit", "subject"):
+        raise ValueError(f"unknown task {task!r}; choose edit or subject")
+    if selector == "auto":  # structure for editing, the salient subject for personalization
+        selector = "canny" if task == "edit" else "saliency"
+    return select_reference_tokens(images, keeps, selector=selector, seed=seed, uniform_mix=uniform_mix, budget=budget)
+
+
+def vae_dtype(module):
+    return next(module.parameters()).dtype
+
+
+def encode_prompts(text, prompts, batch_size):
+    """{prompt: (1, L, J)} with every distinct prompt encoded once, batch_size at a time."""
+    unique = list(dict.fromkeys(prompts))
+    out = {}
+    for i in range(0, len(unique), batch_size):
+        chunk = unique[i : i + batch_size]
+        out.update(zip(chunk, text.encode(chunk).split(1)))
+    return out
+
+
+def encode_references(vae, images, device, dtype):
+    """VAE-encode each reference once: a list of (tokens (1, n, 128) in dtype, ids (n, 4)), all tokens."""
+    out = []
+    for k, image in enumerate(images):
+        z = vae.encode(to_tensor(image).to(device, vae_dtype(vae)))  # (1, 128, h, w)
+        out.append((pack(z).to(dtype), grid_ids(z.shape[2], z.shape[3], t=10 * (k + 1)).to(device)))
+    return out
+
+
+def gather_references(encoded, kept):
+    """The kept tokens of all references: ref (1, M, 128), ref_ids (M, 4); None keeps all.
+
+    The one place tokens are dropped; a kept token keeps its original (t, h, w, l) id.
+    """
+    refs, ids = [], []
+    for (tokens, tids), idx in zip(encoded, kept):
+        if idx is not None:
+            idx = idx.to(tokens.device)
+            tokens, tids = tokens[:, idx], tids[idx]
+        refs.append(tokens)
+        ids.append(tids)
+    return torch.cat(refs, dim=1), torch.cat(ids)
+
+
+def initial_noise(seed, channels, h, w, dtype):
+    """(1, h * w, C) packed noise drawn as diffusers draws it: CPU generator, shape (1, C, h, w)."""
+    g = torch.Generator("cpu").manual_seed(seed)
+    return pack(torch.randn(1, channels, h, w, generator=g, dtype=dtype))
+
+
+LATENT_CAUSES = ("the LoRA (--lora, --lora-scale), non-finite transformer weights, --guidance, or fp16 overflow "
+                 "(try --dtype bf16 or fp32)")  # fmt: skip
+
+
+def sample_latents(transformer, jobs, txts, h, w, steps, ref=None, ref_ids=None, kv_cache=False, guidance=1.0,
+                   neg=None, batch_size=1, progress=False):  # fmt: skip
+    """Final latents (1, h * w, C) for every (prompt, seed) job, batch_size images per transformer call.
+
+    txts {prompt: (1, L, J)}. With kv_cache the references' K/V are extracted once, by the first
+    image, and every other image of every batch attends to them (expanded, not recomputed).
+    """
+    device = txts[jobs[0][0]].device
+    dtype = next(transformer.parameters()).dtype
+    sigmas, img_ids = schedule(steps, h * w).to(device), grid_ids(h, w).to(device)
+    txt_ids = text_ids(txts[jobs[0][0]].shape[1]).to(device)
+    cache = KVCache() if kv_cache and ref is not None else None
+    batches = [jobs[i : i + batch_size] for i in range(0, len(jobs), batch_size)]
+    out = []
+    for b, batch in enumerate(batches):
+        x = torch.cat([initial_noise(s, transformer.cfg.in_channels, h, w, dtype) for _, s in batch]).to(device)
+        txt = torch.cat([txts[p] for p, _ in batch])
+        label = progress and ("denoising" if len(batches) == 1 else f"denoising {b + 1}/{len(batches)}")
+        x = denoise(transformer, x, img_ids, txt, txt_ids, sigmas, ref=ref, ref_ids=ref_ids, kv_cache=cache,
+                    guidance=guidance, neg_txt=neg, progress=label)  # fmt: skip
+        for (p, s), xi in zip(batch, x.split(1)):
+            check_finite(xi, f"the sampled latent for prompt {p!r} seed {s}", LATENT_CAUSES)
+        out += x.split(1)
+    return out
+
+
+def decode_latents(vae, latents, h, w, batch_size=1):
+    """Latents (1, h * w, C) -> PIL images, batch_size at a time; a non-finite image is an error."""
+    images = []
+    for i in range(0, len(latents), batch_size):
+        x = torch.cat(latents[i : i + batch_size])
+        pixels = vae.decode(unpack(x, h, w).to(vae_dtype(vae)))
+        check_finite(pixels, "a decoded image", "non-finite VAE weights or fp16 overflow (try --dtype bf16 or fp32)")
+        images += [to_image(p) for p in pixels]
+    return images
+
+
+def output_size(images, height, width):
+    """Output (h, w) in tokens: the first reference's size (else 1024 px) where not given, floored to 16 px."""
+    w0, h0 = images[0].size if images else (1024, 1024)  # klein's default output size
+    height, width = height or h0, width or w0
+    if height < 16 or width < 16:
+        raise ValueError(f"output size {width}x{height} is too small: at least 16x16")
+    return height // 16, width // 16
+
+
+def generate(model, prompt, refs=(), steps=None, guidance=None, seed=0, height=None, width=None, kv_cache=False,
+             keep=1.0, selector="auto", task="edit", uniform_mix=0.25, budget="uniform", lora=None, lora_scale=1.0,
+             device=None, dtype=None, save_selection=None, selection_seed=0, batch_size=1, progress=True):  # fmt: skip
+    """Sample images; `model` is a klein repository folder or hub id.
+
+    prompt: a prompt or a list of them; seed: a seed or a list; refs: paths or PIL images (a single
+    path is one reference). Every (prompt, seed) pair gives one image, prompt-major: (p0, s0),
+    (p0, s1), ..., (p1, s0), ... Each distinct prompt is encoded once; the references are prepared,
+    VAE-encoded and selected (seeded by selection_seed, the same for every image) once, and with
+    kv_cache their K/V are extracted once for all images. Returns (image, SampleStats) for one
+    prompt and one seed, else ([images], SampleStats).
+    """
+    single = isinstance(prompt, str) and isinstance(seed, numbers.Integral)
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    seeds = [seed] if isinstance(seed, numbers.Integral) else list(seed)
+    jobs = [(p, s) for p in prompts for s in seeds]
+    images = load_references(refs)
+    check_sampling(prompts, seeds, len(images), steps, guidance, height, width, keep, uniform_mix, budget, kv_cache,
+                   save_selection, lora, lora_scale, batch_size)  # fmt: skip
+    device, dtype = resolve_device(device, dtype)
+    folder = resolve_source(model)
+    steps, guidance = sampling_defaults(folder, steps, guidance)
+    stats = SampleStats()
+    timer = Timer(stats, device)
+    kept = stats.kept = select_references(images, keep, selector, task, selection_seed, uniform_mix, budget) if images else []
+    h, w = output_size(images, height, width)
+
+    with torch.no_grad():
+        with loaded(TextEncoder, folder, dtype, device) as text:
+            txts = encode_prompts(text, prompts, batch_size)
+            neg = text.encode([""]) if guidance > 1 else None
+        timer.lap("text encoding")
+
+        ref = ref_ids = None
+        if images:
+            with loaded(AutoEncoder, folder, dtype, device) as vae:
+                ref, ref_ids = gather_references(encode_references(vae, images, device, dtype), kept)
+            for image, idx in zip(images, kept):
+                n = (image.size[0] // 16) * (image.size[1] // 16)
+                stats.ref_tokens.append((n, n if idx is None else len(idx)))
+        timer.lap("reference encoding")
+
+        with loaded(Flux2, folder, dtype, device, lora, lora_scale) as transformer:
+            latents = sample_latents(transformer, jobs, txts, h, w, steps, ref, ref_ids, kv_cache, guidance, neg,
+                                     batch_size, progress)  # fmt: skip
+        timer.lap("denoising")
+
+        with loaded(AutoEncoder, folder, dtype, device) as vae:
+            outputs = decode_latents(vae, latents, h, w, batch_size)
+        timer.lap("decoding")
+    if save_selection:  # only once every image exists: a failed run leaves nothing behind
+        save_selection_image(images, kept, save_selection)
+    return (outputs[0] if single else outputs), stats
+
+
+# ----------------------------------------------------------------------------------------------
+# Options that sample.py and compare.py share
+
+
+def add_common_args(p):
+    """Options sample.py and compare.py share. None defaults let the checks tell given from default."""
+    p.add_argument("--model", required=True, help="klein repository folder or hub id, e.g. black-forest-labs/FLUX.2-klein-4B (required)")
+    p.add_argument("--ref", action="extend", nargs="+", default=[], metavar="IMAGE",
+                   help="reference image(s), repeatable (--ref a.png b.png and --ref a.png --ref b.png both give two); "
+                        "reference k gets position t = 10 (k + 1) (default: none)")  # fmt: skip
+    p.add_argument("--steps", type=int, default=None, help=f"denoising steps, 1 to {MAX_SAMPLING_STEPS} (default: 4 distilled, 50 base)")
+    p.add_argument("--guidance", type=float, default=None, help="CFG scale, >= 1; 1 turns CFG off (default: 1 distilled, 4 base)")
+    p.add_argument("--height", type=int, default=None, help=f"output height, 16 to {MAX_SIDE}, floored to a multiple of 16 (default: first reference's, else 1024)")
+    p.add_argument("--width", type=int, default=None, help=f"output width, 16 to {MAX_SIDE}, floored to a multiple of 16 (default: first reference's, else 1024)")
+    p.add_argument("--kv-cache", action="store_true", help="extract the reference K/V once and reuse them for every step and image (klein-9b-kv) (default: off)")
+    p.add_argument("--task", default=None, choices=["edit", "subject"], help="task that picks the auto selector (default: edit)")
+    p.add_argument("--uniform-mix", type=float, default=None, help="share of uniform probability mixed into the selector's, in [0, 1] (default: 0.25)")
+    p.add_argument("--budget", default=None, choices=["uniform", "adaptive"], help="token budget across references: uniform (each its own --keep) or adaptive (one total split by structure) (default: uniform)")
+    p.add_argument("--selection-seed", type=int, default=None, help="seed of the token selection, shared by every image (default: 0)")
+    p.add_argument("--lora", default=None, help="LoRA file (diffusers, BFL/ai-toolkit or kohya format) (default: none)")
+    p.add_argument("--lora-scale", type=float, default=None, help="LoRA strength, needs --lora (default: 1)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps (default: cuda if available, else cpu)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="weights and activations (default: bf16 on GPU, fp32 on CPU)")
+
+
+def check_common(args, sparse):
+    """Checks of the shared options that need no model; returns (device, dtype). sparse: tokens are dropped."""
+    if not args.ref:
+        given = [o for o, v in (("--task", args.task), ("--uniform-mix", args.uniform_mix), ("--budget", args.budget),
+                                ("--selection-seed", args.selection_seed), ("--kv-cache", args.kv_cache)) if v is not None and v is not False]  # fmt: skip
+        if given:
+            raise ValueError(f"{', '.join(given)} cannot apply without a reference image (--ref)")
+    elif not sparse:
+        given = [o for o, v in (("--task", args.task), ("--uniform-mix", args.uniform_mix), ("--budget", args.budget),
+                                ("--selection-seed", args.selection_seed)) if v is not None]  # fmt: skip
+        if given:
+            raise ValueError(f"{', '.join(given)} cannot apply with --keep 1 (no token is dropped)")
+    if args.lora_scale is not None and args.lora is None:
+        raise ValueError("--lora-scale cannot apply without --lora")
+    if args.selection_seed is not None:
+        check_number("--selection-seed", args.selection_seed, 0, 2**63 - 1, integer=True)
+    device, dtype = resolve_device(args.device, DTYPES[args.dtype] if args.dtype else None)
+    load_references(args.ref)  # every reference exists, is an image and has a usable size
+    folder = resolve_source(args.model)
+    is_distilled(folder)
+    return device, dtype
+
+
+def warn_slow_dtype(device, dtype):
+    if device.type == "cpu" and dtype != torch.float32:
+        print(f"warning: {str(dtype).removeprefix('torch.')} on a CPU is many times slower than fp32 (the VAE about "
+              "20x); use --dtype fp32 unless memory is short", file=sys.stderr)  # fmt: skip
