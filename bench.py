@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 
 from files import DTYPES, ArgumentParser, check_number, check_writable, resolve_device, write_atomic
+from memory_plan import activation_peak, memory_section, plan_rows
 from model import Flux2, Flux2Config, KVCache
 from pipeline import (denoise, expand_cache, gather_references, generate, grid_ids, initial_noise, sample_latents, schedule,
                       synchronize, text_ids)  # fmt: skip
@@ -570,17 +571,47 @@ def per_image_section(rows, err, e2e, args, cfg, device, dtype, command, seconds
 
 
 def replace_section(path, section):
-    """path's text with the per-image section replaced (or appended); the rest is kept as it is."""
+    """path's text with the section of the same heading (its first line) replaced, or appended; the rest
+    is kept as it is."""
     try:
         with open(path, encoding="utf-8") as f:
             text = f.read()
     except FileNotFoundError:
         text = "# Sparse Context benchmark\n"
-    start = text.find(PER_IMAGE_HEADING)
+    start = text.find(section.split("\n", 1)[0])
     if start >= 0:
         end = text.find("\n## ", start + 1)
         text = text[:start] + (text[end + 1 :] if end >= 0 else "")
     return text.rstrip("\n") + "\n\n" + section
+
+
+# ----------------------------------------------------------------------------------------------
+# Memory plan
+
+
+def memory_check(cfg, n_txt, n_img, n_ref, rank=4):
+    """(planned, measured) peak bytes of a sampling step with the KV cache and a training step with and
+    without checkpointing, planned on the meta device and measured by the profiler on this CPU (fp32)."""
+    cases = dict(sample_kv=dict(kv=True), train=dict(train=True), train_ckpt=dict(train=True, checkpointing=True))
+    out = {}
+    for name, kw in cases.items():
+        planned = activation_peak(cfg, n_txt, n_img, n_ref, rank=rank, dtype=torch.float32, **kw)
+        measured = peak_bytes(activation_peak(cfg, n_txt, n_img, n_ref, rank=rank, device="cpu", dtype=torch.float32, **kw),
+                              torch.device("cpu"))  # fmt: skip
+        out[name] = planned, measured
+    return out
+
+
+def memory_report(quick, command, log):
+    """The memory plan section: klein-4B and klein-9B (a tiny config with --quick), and its CPU check."""
+    small = bench_config(quick=True)
+    check = memory_check(small, 16, 64, 96) if quick else memory_check(bench_config(), 64, 256, 6 * 26)
+    check_text = "; ".join(f"{k} {p / 2**20:.1f} MB planned vs {m / 2**20:.1f} MB measured" for k, (p, m) in check.items())
+    log(f"memory plan vs measured on the CPU: {check_text}")
+    configs = {"tiny": small} if quick else {n: Flux2Config.from_name(n) for n in ("klein-4b", "klein-9b")}
+    n_txt = 16 if quick else 512
+    rows = plan_rows(configs, sides=(64,) if quick else (512, 1024), n_txt=n_txt)
+    return memory_section(rows, check_text, command, n_txt)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -598,10 +629,10 @@ def check_args(args):
     if args.size % 16:
         raise ValueError(f"--size must be a multiple of 16, got {args.size}")
     check_number("--text-tokens", args.text_tokens, 1, 4096, integer=True)
-    if args.quick and args.config != "bench":
+    if args.quick and args.config not in (None, "bench"):
         raise ValueError("--quick uses its own tiny config: --config cannot apply")
     device, dtype = resolve_device(args.device, DTYPES[args.dtype] if args.dtype else None)
-    outputs = [args.out_md] + ([] if args.per_image else [args.out_png])
+    outputs = [args.out_md] + ([] if args.per_image or args.memory else [args.out_png])
     for path, ext in zip(outputs, (".md", ".png")):
         if not path.endswith(ext):
             raise ValueError(f"{path}: expected a {ext} file")
@@ -611,27 +642,41 @@ def check_args(args):
 
 def main(argv=None):
     p = ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--config", default="bench", choices=["bench", "klein-4b", "klein-9b"],
-                   help="model shape: bench = the small CPU config described above; klein-4b/9b = the real shapes")
-    p.add_argument("--size", type=int, default=None, help="target and reference side in pixels, a multiple of 16 (None: 512; 256 with --per-image)")
-    p.add_argument("--text-tokens", type=int, default=512, help="text sequence length (klein pads to 512)")
-    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--config", default=None, choices=["bench", "klein-4b", "klein-9b"],
+                   help="model shape: bench = the small CPU config described above; klein-4b/9b = the real shapes (None: bench)")
+    p.add_argument("--size", type=int, default=None, help="target and reference side in pixels, a multiple of 16 (None: 512; 256 with --per-image; 64 with --quick)")
+    p.add_argument("--text-tokens", type=int, default=None, help="text sequence length (None: 512, as klein pads; 8 with --quick)")
+    p.add_argument("--device", default=None, help="cpu or cuda (None: cpu)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="None: fp32 on CPU, bf16 on CUDA")
     p.add_argument("--refs", type=int, nargs="+", default=None, help=f"numbers of references to time (None: {' '.join(map(str, REFS))})")
-    p.add_argument("--rounds", type=int, default=3, help="timed rounds per point (after one warm-up round)")
-    p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="CPU threads for torch")
+    p.add_argument("--rounds", type=int, default=None, help="timed rounds per point, after one warm-up round (None: 3; 1 with --quick)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (None: every core; 1 with --quick)")
     p.add_argument("--no-diffusers", action="store_true", help="skip the comparison with diffusers")
     p.add_argument("--per-image", action="store_true",
                    help="time many images per reference set instead (N = 1, 4, 16; dense vs keep 0.1 + KV vs diffusers' KV "
                         "pipeline, bench model and end to end) and write that section into --out-md")  # fmt: skip
+    p.add_argument("--memory", action="store_true",
+                   help="instead of timing: the GPU memory plan for klein-4B/9B from shapes (memory_plan.py), checked "
+                        "against a measured CPU peak, written into its section of --out-md")  # fmt: skip
     p.add_argument("--quick", action="store_true", help="tiny model and images, 1 round, 1 thread: a smoke test")
     p.add_argument("--out-md", default=None, help="markdown report (None: BENCHMARKS.md; bench-quick/BENCHMARKS.md with --quick)")
     p.add_argument("--out-png", default=None, help="speedup plot (None: benchmarks.png; bench-quick/benchmarks.png with --quick)")
     args = p.parse_args(argv)
-    if args.quick:  # tiny ops gain nothing from threads, which only wait on a busy machine
-        args.size, args.text_tokens, args.rounds, args.threads = 64, 8, 1, 1
-    if args.size is None:
-        args.size = 256 if args.per_image else 512
+    if args.memory:
+        given = [o for o, v in (("--per-image", args.per_image), ("--refs", args.refs), ("--rounds", args.rounds),
+                                ("--size", args.size), ("--text-tokens", args.text_tokens), ("--config", args.config),
+                                ("--device", args.device), ("--dtype", args.dtype), ("--no-diffusers", args.no_diffusers),
+                                ("--out-png", args.out_png)) if v]  # fmt: skip
+        if given:
+            p.error(f"{', '.join(given)} cannot apply with --memory (a plan from shapes for klein-4B and klein-9B)")
+    quick = dict(size=64, text_tokens=8, rounds=1, threads=1)  # tiny ops gain nothing from threads
+    given = [f"--{k.replace('_', '-')}" for k in quick if getattr(args, k) is not None]
+    if args.quick and given:
+        p.error(f"{', '.join(given)} cannot apply with --quick (it sets its own)")
+    defaults = quick if args.quick else dict(size=256 if args.per_image else 512, text_tokens=512, rounds=3,
+                                             threads=len(os.sched_getaffinity(0)))  # fmt: skip
+    for k, v in defaults.items():
+        setattr(args, k, v if getattr(args, k) is None else getattr(args, k))
     folder = "bench-quick" if args.quick else ""  # a smoke run never overwrites the committed report
     args.out_md = args.out_md or os.path.join(folder, "BENCHMARKS.md")
     args.out_png = args.out_png or os.path.join(folder, "benchmarks.png")
@@ -644,11 +689,17 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     command = shlex.join(["python", "bench.py", *(sys.argv[1:] if argv is None else argv)])
     log = lambda msg: print(msg, flush=True)
+    if args.memory:
+        section = memory_report(args.quick, command, log)
+        write_atomic(args.out_md, replace_section(args.out_md, section))
+        log(section)
+        log(f"wrote {args.out_md}")
+        return
     malloc_tuned = device.type == "cpu" and reuse_freed_memory()
     if device.type == "cpu" and not malloc_tuned:
         log("could not tune glibc malloc: large tensors will be page-faulted in afresh")
 
-    cfg = bench_config(args.quick) if args.config == "bench" else Flux2Config.from_name(args.config)
+    cfg = bench_config(args.quick) if args.config in (None, "bench") else Flux2Config.from_name(args.config)
     start, load = time.perf_counter(), [os.getloadavg()[0]]
     model = build_model(cfg, device, dtype)
     twin = None if args.no_diffusers else build_diffusers(model)

@@ -29,7 +29,7 @@ from PIL import Image, ImageDraw
 from files import ArgumentParser, check_number, check_writable_folder, fail, write_atomic
 from model import Flux2
 from pipeline import (add_common_args, check_common, check_sampling, decode_latents, encode_prompts, encode_references,
-                      gather_references, load_references, loaded, output_size, resolve_device, resolve_source,
+                      gather_references, load_references, loaded, output_size, resolve_source, sampling_device,
                       sample_latents, sampling_defaults, select_references, synchronize, warn_slow_dtype)  # fmt: skip
 from text_encoder import TextEncoder
 from token_selectors import draw_selection
@@ -111,7 +111,7 @@ def pixels(image):
 
 def sweep(model, prompt, refs, keeps, selectors, seed=0, steps=None, guidance=None, height=None, width=None,
           kv_cache=False, uniform_mix=0.25, budget="uniform", selection_seed=0, lora=None,
-          lora_scale=1.0, device=None, dtype=None, progress=False):  # fmt: skip
+          lora_scale=1.0, lora_merge=None, device=None, dtype=None, progress=False):  # fmt: skip
     """Dense (keep 1) and every selector x keep with the same prompt, seed and cache setting.
 
     Returns the references (prepared) and the points, dense first, each with its image, time per
@@ -125,7 +125,7 @@ def sweep(model, prompt, refs, keeps, selectors, seed=0, steps=None, guidance=No
         check_number("--keeps", k, 0, 1, low_open=True)
     if not images:
         raise ValueError("compare needs at least one reference image (--ref)")
-    device, dtype = resolve_device(device, dtype)
+    device, dtype = sampling_device(device, dtype)
     folder = resolve_source(model)
     steps, guidance = sampling_defaults(folder, steps, guidance)
     h, w = output_size(images, height, width)
@@ -143,7 +143,7 @@ def sweep(model, prompt, refs, keeps, selectors, seed=0, steps=None, guidance=No
             neg = text.encode([""]) if guidance > 1 else None
         with loaded(AutoEncoder, folder, dtype, device) as vae:
             encoded = encode_references(vae, images, device, dtype)  # once: every point drops from the same tokens
-        with loaded(Flux2, folder, dtype, device, lora, lora_scale) as transformer:
+        with loaded(Flux2, folder, dtype, device, lora, lora_scale, lora_merge) as transformer:
             job = [(prompt, seed)]
             ref, ref_ids = gather_references(encoded, points[0].kept)
             sample_latents(transformer, job, txts, h, w, 1, ref, ref_ids, kv_cache, guidance, neg)  # warm-up
@@ -265,7 +265,8 @@ def main(argv=None):
                 kv_cache=args.kv_cache,
                 uniform_mix=0.25 if args.uniform_mix is None else args.uniform_mix, budget=args.budget or "uniform",
                 selection_seed=args.selection_seed or 0, lora=args.lora,
-                lora_scale=1.0 if args.lora_scale is None else args.lora_scale)  # fmt: skip
+                lora_scale=1.0 if args.lora_scale is None else args.lora_scale,
+                lora_merge=True if args.lora_merge else None)  # fmt: skip
     try:
         refs, points = sweep(args.model, args.prompt, args.ref, args.keeps, args.selectors, device=device, dtype=dtype,
                              progress=True, **opts)  # fmt: skip

@@ -301,6 +301,18 @@ def is_distilled(folder):
     return distilled
 
 
+def sampling_device(device=None, dtype=None):
+    """(device, dtype) for sampling: resolve_device's, fp16 refused (klein's transformer activations
+    overflow fp16's 65504), and TF32 matmuls for fp32 on CUDA (klein's own inference runs bf16)."""
+    device, dtype = resolve_device(device, dtype)
+    if dtype == torch.float16:
+        raise ValueError("--dtype fp16: klein's transformer overflows float16 (activations beyond 65504); use bf16 "
+                         "(the GPU default) or fp32")  # fmt: skip
+    if device.type == "cuda" and dtype == torch.float32:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    return device, dtype
+
+
 def sampling_defaults(folder, steps, guidance):
     """(steps, guidance) where not given: distilled checkpoints 4 steps without CFG, base ones 50 with CFG 4."""
     distilled = is_distilled(folder)
@@ -316,15 +328,18 @@ def free(*modules):
 
 
 @contextmanager
-def loaded(component, folder, dtype, device, lora=None, lora_scale=1.0):
+def loaded(component, folder, dtype, device, lora=None, lora_scale=1.0, lora_merge=None):
     """component.from_pretrained(folder) for one `with` block, then freed: one component in memory at a
-    time. A LoRA (transformer only) is applied on load."""
+    time. A LoRA (transformer only) is applied on load: merged into fp32 weights; kept unmerged beside
+    16-bit ones (a float32 LoRA path, as training ran it and as diffusers' load_lora_weights keeps it),
+    since a merge rounds every update below half a bf16 step of its weight away; lora_merge forces either."""
     module = component.from_pretrained(folder, dtype=dtype, device=device)
     try:
         if lora:
             from lora import load_lora
 
-            load_lora(module, lora, scale=lora_scale)
+            merge = next(module.parameters()).dtype == torch.float32 if lora_merge is None else lora_merge
+            load_lora(module, lora, scale=lora_scale, merge=merge)
         yield module
     finally:
         free(module)
@@ -388,8 +403,7 @@ def initial_noise(seed, channels, h, w, dtype):
     return pack(torch.randn(1, channels, h, w, generator=g, dtype=dtype))
 
 
-LATENT_CAUSES = ("the LoRA (--lora, --lora-scale), non-finite transformer weights, --guidance, or fp16 overflow "
-                 "(try --dtype bf16 or fp32)")  # fmt: skip
+LATENT_CAUSES = "the LoRA (--lora, --lora-scale), non-finite transformer weights, or --guidance"
 
 
 def sample_latents(transformer, jobs, txts, h, w, steps, ref=None, ref_ids=None, kv_cache=False, guidance=1.0,
@@ -424,7 +438,7 @@ def decode_latents(vae, latents, h, w, batch_size=1):
     for i in range(0, len(latents), batch_size):
         x = torch.cat(latents[i : i + batch_size])
         pixels = vae.decode(unpack(x, h, w).to(vae_dtype(vae)))
-        check_finite(pixels, "a decoded image", "non-finite VAE weights or fp16 overflow (try --dtype bf16 or fp32)")
+        check_finite(pixels, "a decoded image", "non-finite VAE weights")
         images += [to_image(p) for p in pixels]
     return images
 
@@ -440,7 +454,7 @@ def output_size(images, height, width):
 
 def generate(model, prompt, refs=(), steps=None, guidance=None, seed=0, height=None, width=None, kv_cache=False,
              keep=1.0, selector="auto", task="edit", uniform_mix=0.25, budget="uniform", lora=None, lora_scale=1.0,
-             device=None, dtype=None, save_selection=None, selection_seed=0, batch_size=1, progress=True):  # fmt: skip
+             lora_merge=None, device=None, dtype=None, save_selection=None, selection_seed=0, batch_size=1, progress=True):  # fmt: skip
     """Sample images; `model` is a klein repository folder or hub id.
 
     prompt: a prompt or a list of them; seed: a seed or a list; refs: paths or PIL images (a single
@@ -457,7 +471,7 @@ def generate(model, prompt, refs=(), steps=None, guidance=None, seed=0, height=N
     images = load_references(refs)
     check_sampling(prompts, seeds, len(images), steps, guidance, height, width, keep, uniform_mix, budget, kv_cache,
                    save_selection, lora, lora_scale, batch_size)  # fmt: skip
-    device, dtype = resolve_device(device, dtype)
+    device, dtype = sampling_device(device, dtype)
     folder = resolve_source(model)
     steps, guidance = sampling_defaults(folder, steps, guidance)
     stats = SampleStats()
@@ -480,7 +494,7 @@ def generate(model, prompt, refs=(), steps=None, guidance=None, seed=0, height=N
                 stats.ref_tokens.append((n, n if idx is None else len(idx)))
         timer.lap("reference encoding")
 
-        with loaded(Flux2, folder, dtype, device, lora, lora_scale) as transformer:
+        with loaded(Flux2, folder, dtype, device, lora, lora_scale, lora_merge) as transformer:
             latents = sample_latents(transformer, jobs, txts, h, w, steps, ref, ref_ids, kv_cache, guidance, neg,
                                      batch_size, progress)  # fmt: skip
         timer.lap("denoising")
@@ -514,8 +528,11 @@ def add_common_args(p):
     p.add_argument("--selection-seed", type=int, default=None, help="seed of the token selection, shared by every image (default: 0)")
     p.add_argument("--lora", default=None, help="LoRA file (diffusers, BFL/ai-toolkit or kohya format) (default: none)")
     p.add_argument("--lora-scale", type=float, default=None, help="LoRA strength, needs --lora (default: 1)")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps (default: cuda if available, else cpu)")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="weights and activations (default: bf16 on GPU, fp32 on CPU)")
+    p.add_argument("--lora-merge", action="store_true",
+                   help="merge the LoRA into 16-bit weights too (default: merged only into fp32 weights; bf16/fp16 ones keep "
+                        "it unmerged, since a merge rounds updates below half a bf16 step away)")  # fmt: skip
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available, else cpu)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="weights and activations; fp16 is refused (klein overflows it) (default: bf16 on GPU, fp32 on CPU)")
 
 
 def check_common(args, sparse):
@@ -530,11 +547,11 @@ def check_common(args, sparse):
                                 ("--selection-seed", args.selection_seed)) if v is not None]  # fmt: skip
         if given:
             raise ValueError(f"{', '.join(given)} cannot apply with --keep 1 (no token is dropped)")
-    if args.lora_scale is not None and args.lora is None:
-        raise ValueError("--lora-scale cannot apply without --lora")
+    if args.lora is None and (args.lora_scale is not None or args.lora_merge):
+        raise ValueError(f"{'--lora-scale' if args.lora_scale is not None else '--lora-merge'} cannot apply without --lora")
     if args.selection_seed is not None:
         check_number("--selection-seed", args.selection_seed, 0, 2**63 - 1, integer=True)
-    device, dtype = resolve_device(args.device, DTYPES[args.dtype] if args.dtype else None)
+    device, dtype = sampling_device(args.device, args.dtype)
     load_references(args.ref)  # every reference exists, is an image and has a usable size
     folder = resolve_source(args.model)
     is_distilled(folder)

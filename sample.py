@@ -112,7 +112,8 @@ def main(argv=None):
                                  keep=keep[0] if len(keep) == 1 else keep, selector=args.selector or "auto",
                                  task=args.task or "edit", uniform_mix=0.25 if args.uniform_mix is None else args.uniform_mix,
                                  budget=args.budget or "uniform", lora=args.lora,
-                                 lora_scale=1.0 if args.lora_scale is None else args.lora_scale, device=device, dtype=dtype,
+                                 lora_scale=1.0 if args.lora_scale is None else args.lora_scale,
+                                 lora_merge=True if args.lora_merge else None, device=device, dtype=dtype,
                                  save_selection=args.save_selection, selection_seed=args.selection_seed or 0,
                                  batch_size=args.batch_size)  # fmt: skip
         for image, path in zip(images, paths):

@@ -177,6 +177,44 @@ def test_lora_equals_diffusers_load_lora_weights(distilled, tmp_path):
     assert np.abs(plain - want).max() > 5  # the LoRA really changes the image
 
 
+def test_lora_unmerged_beside_16_bit_weights(distilled, tmp_path, monkeypatch):
+    """A LoRA is merged into fp32 weights and kept unmerged beside bf16 ones (--lora-merge forces a merge).
+
+    Why: a bf16 merge rounds every update below half a bf16 step of its weight away (a 1024x1024 bf16
+    weight merged with a rank-4 update of 0.1% of the weights' spread keeps 58% of it), while unmerged
+    the float32 LoRA factors stay the trained ones.
+    """
+    import lora
+    from model import Flux2
+
+    root, _ = distilled
+    model = Flux2.from_pretrained(str(root))
+    lora.inject(model, rank=2)
+    with torch.no_grad():
+        for m in lora.lora_modules(model).values():
+            m.lora_B.normal_(0, 0.3, generator=torch.Generator().manual_seed(0))
+    lora.save_lora(model, tmp_path / "lora.safetensors")
+    seen = []
+    real = lora.load_lora
+    monkeypatch.setattr(lora, "load_lora", lambda m, p, scale=1.0, merge=True: seen.append((next(m.parameters()).dtype, merge)) or real(m, p, scale, merge))
+    for dtype, force in ((torch.float32, None), (torch.bfloat16, None), (torch.bfloat16, True)):
+        with pipeline.loaded(Flux2, root, dtype, torch.device("cpu"), str(tmp_path / "lora.safetensors"), lora_merge=force) as m:
+            assert bool(lora.lora_modules(m)) == (seen[-1][1] is False)
+            assert all(not p.requires_grad for n, p in m.named_parameters() if "lora_" not in n)
+    assert seen == [(torch.float32, True), (torch.bfloat16, False), (torch.bfloat16, True)]
+
+
+def test_frozen_parameters_from_pretrained(distilled):
+    """Every from_pretrained gives frozen parameters: a plain forward builds no autograd graph."""
+    from model import Flux2
+    from text_encoder import TextEncoder
+    from vae import AutoEncoder
+
+    root, _ = distilled
+    for cls in (Flux2, TextEncoder, AutoEncoder):
+        assert not any(p.requires_grad for p in cls.from_pretrained(str(root)).parameters()), cls.__name__
+
+
 def diffusers_loop(pipe, refs, kept, seed, steps=4, kv=False):
     """klein sampling written with diffusers' own pipeline pieces, on a subset of reference tokens."""
     from diffusers.pipelines.flux2.pipeline_flux2_klein import compute_empirical_mu
@@ -404,6 +442,10 @@ BAD = {  # case: (arguments after --model, substring of the one error line)
     "three keeps for two refs": (["--ref", "{d}/ref2.png", "--keep", "0.5", "0.5", "0.5"], "3 values for 2 reference"),
     "uniform mix 2": (["--keep", "0.5", "--uniform-mix", "2"], "--uniform-mix"),
     "device bogus": (["--device", "bogus"], "--device"),
+    "device mps": (["--device", "mps"], "--device mps"),
+    "dtype fp16": (["--dtype", "fp16"], "--dtype fp16"),
+    "dtype float16": (["--dtype", "float16"], "--dtype fp16"),
+    "lora merge alone": (["--lora-merge"], "--lora-merge cannot apply without --lora"),
     "seed negative": (["--seed", "-1"], "--seed"),
     "seeds repeated": (["--seeds", "1", "1"], "repeats"),
     "seeds and seed": (["--seeds", "1", "2", "--seed", "3"], "--seeds cannot be combined"),
