@@ -157,7 +157,7 @@ def weight_bytes(cfg, bits=16, rank=0):
     n_linear = sum(w.numel() for w in linear)
     base = 2 * total if bits == 16 else n_linear + 4 * sum(w.shape[0] for w in linear) + 2 * (total - n_linear)
     if rank:
-        lora.inject(model, rank=rank)
+        lora.inject(model.requires_grad_(False), rank=rank)
         base += 4 * 4 * sum(p.numel() for p in model.parameters() if p.requires_grad)  # weights, grads, 2 moments
     return base
 

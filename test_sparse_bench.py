@@ -10,6 +10,7 @@ import torch.nn as nn
 import pytest
 
 import bench
+import lora
 from bench import HEADER, KEEPS, PER_IMAGE, PER_IMAGE_HEADING, REFS, bench_config, forward_flops, loop_flops
 from model import Flux2, Flux2Config
 from token_selectors import n_keep
@@ -155,6 +156,10 @@ def test_memory_plan_weights_and_cache():
     with torch.device("meta"):
         assert weight_bytes(cfg, 16) == 2 * sum(p.numel() for p in Flux2(cfg).parameters())
     assert weight_bytes(cfg, 8) <= 0.55 * weight_bytes(cfg, 16)
+    with torch.device("meta"):
+        model = Flux2(cfg).requires_grad_(False)
+    lora.inject(model, rank=16)
+    assert weight_bytes(cfg, 16, rank=16) - weight_bytes(cfg, 16) == 16 * sum(p.numel() for p in model.parameters() if p.requires_grad)
     tiny = Flux2Config(in_channels=16, hidden_size=64, num_heads=2, depth=1, depth_single=2, context_dim=32, axes_dim=(8, 8, 8, 8))
     model = Flux2(tiny).bfloat16()
     cache = KVCache()
