@@ -182,22 +182,22 @@ class KVCache:
         return self.kv[0][0].shape[2] if self.kv else 0
 
 
-def sdpa(q, k, v, mask=None):
-    """Softmax attention on (B, L, H, D) tensors -> (B, L, H, D); mask (B, 1, 1, L_k) bool or None.
+def sdpa(q, k, v):
+    """Softmax attention on (B, L, H, D) tensors -> (B, L, H, D).
 
     SDPA takes (B, H, L, D): transposed views suffice (as diffusers passes them), and its fused
-    kernels lay the output out as (B, L, H, D), so no transpose here copies anything.
+    kernels lay the output out as (B, L, H, D), so no transpose here copies anything. No mask is
+    ever passed: every kernel (FlashAttention included) can run.
     """
-    return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask).transpose(1, 2)
+    return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
 
 
-def attention(q, k, v, mask, n_kv_ref, kv_cache=None, layer=0):
+def attention(q, k, v, n_kv_ref, kv_cache=None, layer=0):
     """Joint attention over [text | target | references]; q, k, v (B, L, H, D) -> (B, L, H * D).
 
     n_kv_ref > 0: the last n_kv_ref tokens are references in the KV pattern: they attend only to
     themselves, the rest attend to all. This is the one place where reference K/V are cached and reused:
     a kv_cache holding this layer is read (the step runs no reference token), one without it is filled.
-    mask (B, 1, 1, L) is False at padding keys (training batches whose reference subsets differ in size).
     """
     if kv_cache is not None and len(kv_cache) > layer and n_kv_ref == 0:  # cached step: no reference compute
         k_ref, v_ref = (t.transpose(1, 2) for t in kv_cache.kv[layer])
@@ -206,11 +206,9 @@ def attention(q, k, v, mask, n_kv_ref, kv_cache=None, layer=0):
         n = n_kv_ref
         if kv_cache is not None:  # copies: views would keep every token's K/V alive
             kv_cache.kv.append((k[:, -n:].clone().transpose(1, 2), v[:, -n:].clone().transpose(1, 2)))
-        main = sdpa(q[:, :-n], k, v, mask)
-        ref = sdpa(q[:, -n:], k[:, -n:], v[:, -n:], None if mask is None else mask[..., -n:])
-        out = torch.cat([main, ref], dim=1)
+        out = torch.cat([sdpa(q[:, :-n], k, v), sdpa(q[:, -n:], k[:, -n:], v[:, -n:])], dim=1)
     else:
-        out = sdpa(q, k, v, mask)
+        out = sdpa(q, k, v)
     return out.flatten(2)
 
 
@@ -247,7 +245,7 @@ class DoubleStreamBlock(nn.Module):
         self.txt_attn = SelfAttention(D, cfg.num_heads)
         self.txt_mlp = nn.Sequential(nn.Linear(D, 2 * M, bias=False), SwiGLU(), nn.Linear(M, D, bias=False))
 
-    def forward(self, img, txt, img_mod, txt_mod, pe, mask, n_kv_ref, kv_cache, layer):
+    def forward(self, img, txt, img_mod, txt_mod, pe, n_kv_ref, kv_cache, layer):
         # img (B, N + M, D): target then reference tokens (both use the image weights); txt (B, L, D)
         i_shift1, i_scale1, i_gate1, i_shift2, i_scale2, i_gate2 = img_mod
         t_shift1, t_scale1, t_gate1, t_shift2, t_scale2, t_gate2 = txt_mod
@@ -255,7 +253,7 @@ class DoubleStreamBlock(nn.Module):
         tq, tk, tv = self.txt_attn.qkv_heads(modulate(txt, t_shift1, t_scale1, self.eps))
         q = apply_rope(torch.cat([tq, iq], dim=1), pe)
         k = apply_rope(torch.cat([tk, ik], dim=1), pe)
-        out = attention(q, k, torch.cat([tv, iv], dim=1), mask, n_kv_ref, kv_cache, layer)
+        out = attention(q, k, torch.cat([tv, iv], dim=1), n_kv_ref, kv_cache, layer)
         L = txt.shape[1]
         img = gated(img, i_gate1, self.img_attn.proj(out[:, L:]))
         img = gated(img, i_gate2, self.img_mlp(modulate(img, i_shift2, i_scale2, self.eps)))
@@ -276,12 +274,12 @@ class SingleStreamBlock(nn.Module):
         self.norm = QKNorm(cfg.head_dim)
         self.mlp_act = SwiGLU()
 
-    def forward(self, x, mod, pe, mask, n_kv_ref, kv_cache, layer):
+    def forward(self, x, mod, pe, n_kv_ref, kv_cache, layer):
         shift, scale, gate = mod
         qkv, mlp = self.linear1(modulate(x, shift, scale, self.eps)).split(self.split, dim=-1)
         q, k, v = split_heads(qkv, self.num_heads)
         q, k = self.norm(q, k)
-        out = attention(apply_rope(q, pe), apply_rope(k, pe), v, mask, n_kv_ref, kv_cache, layer)
+        out = attention(apply_rope(q, pe), apply_rope(k, pe), v, n_kv_ref, kv_cache, layer)
         return gated(x, gate, self.linear2(torch.cat([out, self.mlp_act(mlp)], dim=-1)))
 
 
@@ -318,15 +316,13 @@ class Flux2(nn.Module):
         self.final_layer = LastLayer(D, cfg.in_channels, cfg.eps)
         self.gradient_checkpointing = False
 
-    def forward(self, img, img_ids, txt, txt_ids, t, ref=None, ref_ids=None, kv_cache=None, kv_pattern=False, ref_mask=None):
+    def forward(self, img, img_ids, txt, txt_ids, t, ref=None, ref_ids=None, kv_cache=None, kv_pattern=False):
         """Velocity of the target tokens (B, N, C).
 
         img (B, N, C) target tokens, img_ids (B, N, 4) or (N, 4); txt (B, L, J), txt_ids; t (B,) sigma
         in [0, 1]; ref (B, M, C), ref_ids: any set of reference tokens with their original ids.
         kv_cache: empty -> run the references in the KV pattern and store their K/V; filled -> reuse
         them (pass no ref). kv_pattern=True gives the KV pattern without a cache (training).
-        ref_mask (B, M) bool, False at padding: lets examples with different numbers of kept reference
-        tokens share a batch (training); each example needs at least one real reference token.
         """
         B, N, _ = img.shape
         reuse = kv_cache is not None and len(kv_cache) > 0  # a filled cache stands in for the references
@@ -350,18 +346,13 @@ class Flux2(nn.Module):
 
         x = self.img_in(img if not n_ref else torch.cat([img, ref], dim=1))  # (B, N + M, D)
         c = self.txt_in(txt)  # (B, L, D)
-        mask = None
-        if ref_mask is not None and n_ref:
-            if kv_cache is not None:
-                raise ValueError("ref_mask is for training batches; it cannot be combined with a KV cache")
-            mask = torch.cat([ref_mask.new_ones(B, txt.shape[1] + N), ref_mask.bool()], dim=1)[:, None, None]
         n_kv_ref = n_ref if kv_refs else 0
         kv_cache = kv_cache if (kv_refs or reuse) else None  # filled by this call, or read by it
         for i, block in enumerate(self.double_blocks):
-            x, c = self._run(block, x, c, img_mod, txt_mod, pe, mask, n_kv_ref, kv_cache, i)
+            x, c = self._run(block, x, c, img_mod, txt_mod, pe, n_kv_ref, kv_cache, i)
         x = torch.cat([c, x], dim=1)
         for i, block in enumerate(self.single_blocks):
-            x = self._run(block, x, single_mod, pe, mask, n_kv_ref, kv_cache, self.cfg.depth + i)
+            x = self._run(block, x, single_mod, pe, n_kv_ref, kv_cache, self.cfg.depth + i)
         x = x[:, c.shape[1] : c.shape[1] + N]
         return self.final_layer(x, vec)
 

@@ -207,25 +207,3 @@ def test_cache_misuse(tiny):
         ours(img, img_ids, txt, txt_ids, t, ref=ref[0], ref_ids=ref_ids[0], kv_cache=cache)
         with pytest.raises(ValueError, match="already filled"):
             ours(img, img_ids, txt, txt_ids, t, ref=ref[0], ref_ids=ref_ids[0], kv_cache=cache)
-
-
-@pytest.mark.parametrize("kv_pattern", [False, True])
-def test_padded_reference_batch_equals_single_runs(tiny, kv_pattern):
-    """ref_mask: examples keeping different numbers of reference tokens share one padded batch."""
-    _, ours, _ = tiny
-    img, img_ids, txt, txt_ids, t, ref, ref_ids = make_inputs(refs=((3, 4),))
-    ref, ref_ids = ref[0], ref_ids[0]
-    subsets = [torch.tensor([0, 2, 5, 7, 11]), torch.tensor([1, 4, 9])]
-    M = max(len(s) for s in subsets)
-    pad_ref, pad_ids, mask = torch.zeros(2, M, ref.shape[2]), torch.zeros(2, M, 4, dtype=torch.long), torch.zeros(2, M, dtype=torch.bool)
-    for b, s in enumerate(subsets):
-        pad_ref[b, : len(s)], pad_ids[b, : len(s)], mask[b, : len(s)] = ref[b, s], ref_ids[s], True
-    pad_ref[1, len(subsets[1]) :] = 100.0  # padding content must not matter
-    with torch.no_grad():
-        both = ours(img, img_ids, txt, txt_ids, t, ref=pad_ref, ref_ids=pad_ids, kv_pattern=kv_pattern, ref_mask=mask)
-        unmasked = ours(img, img_ids, txt, txt_ids, t, ref=pad_ref, ref_ids=pad_ids, kv_pattern=kv_pattern)
-        for b, s in enumerate(subsets):
-            one = ours(img[b : b + 1], img_ids, txt[b : b + 1], txt_ids, t[b : b + 1], ref=ref[b : b + 1, s], ref_ids=ref_ids[s],
-                       kv_pattern=kv_pattern)  # fmt: skip
-            assert_close(both[b : b + 1], one)
-    assert (unmasked[1] - both[1]).abs().max() > 1e-3  # without the mask the padding leaks in
