@@ -71,25 +71,28 @@ def timestep_embedding(t, dim, max_period=10000):
 
 
 def rope(ids, axes_dim, theta):
-    """Rotations for 4-axis ids (B, L, 4) -> e^(i angle) (B, L, 1, head_dim / 2), complex64.
+    """cos and sin of the rotation angles of 4-axis ids (B, L, 4) -> (B, L, 1, head_dim / 2, 2) float32.
 
-    Angles in float64, rotations rounded to float32 (as cos and sin in float32).
+    Angles in float64, rounded to float32 once: a sampling run computes this table once (its ids never
+    change, see Flux2.rope) and every step and image of the run reuses it.
     """
     angles = []
     for i, d in enumerate(axes_dim):
         omega = 1.0 / theta ** (torch.arange(0, d, 2, dtype=torch.float64, device=ids.device) / d)
         angles.append(ids[..., i].double()[..., None] * omega)  # (B, L, d / 2)
     angles = torch.cat(angles, dim=-1)
-    return torch.polar(torch.ones_like(angles), angles).to(torch.complex64)[:, :, None]
+    return torch.stack([angles.cos(), angles.sin()], dim=-1).float()[:, :, None]
 
 
 def apply_rope(x, pe):
-    """Rotate interleaved pairs (x[2j], x[2j+1]) of x (B, L, H, D) by the angles in pe.
+    """Rotate interleaved pairs (a, b) = (x[2j], x[2j+1]) of x (B, L, H, D) by the angles of pe.
 
-    Rotating the pair (a, b) is multiplying the complex number a + ib by e^(i angle): one pass over x.
+    BFL's real 2x2 form (a cos - b sin, a sin + b cos), in float32: no complex numbers, so Inductor
+    compiles it.
     """
-    pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))  # (B, L, H, D / 2)
-    return torch.view_as_real(pairs * pe).flatten(-2).type_as(x)
+    a, b = x.float().unflatten(-1, (-1, 2)).unbind(-1)  # (B, L, H, D / 2)
+    cos, sin = pe.unbind(-1)  # (B or 1, L, 1, D / 2)
+    return torch.stack([a * cos - b * sin, a * sin + b * cos], dim=-1).flatten(-2).type_as(x)
 
 
 class RMSNorm(nn.Module):
@@ -168,7 +171,8 @@ class KVCache:
     """Reference K/V (after QK-norm and RoPE) of every block, from the step that extracted them.
 
     Empty: the next forward with references runs them in the KV pattern and fills it.
-    Filled: later forwards take no references and attend to these instead.
+    Filled: later forwards take no references and attend to these instead, read in place: a cache
+    extracted from one image serves a batch of any size (see `cached_attention`).
     """
 
     def __init__(self):
@@ -192,6 +196,47 @@ def sdpa(q, k, v):
     return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
 
 
+def sdpa_lse(q, k, v):
+    """Attention and the log-sum-exp of its scores: q (B, H, Lq, D), k, v (B, H, Lk, D) -> out
+    (B, H, Lq, D), lse (B, H, Lq) float32.
+
+    The fused kernels compute the LSE anyway and return it from their aten ops (PyTorch's context
+    parallelism merges attention blocks with it); other devices take the math.
+    """
+    if q.device.type == "cpu":
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v)
+    elif q.device.type == "cuda" and q.dtype in (torch.float16, torch.bfloat16):
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v)[:2]
+    elif q.device.type == "cuda":
+        out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, None, True)[:2]
+    else:
+        out, lse = sdpa_lse_math(q, k, v)
+    return out, lse[..., : q.shape[2]]  # the efficient kernel pads the LSE's rows
+
+
+def sdpa_lse_math(q, k, v):
+    """sdpa_lse written out (every score materialized, in float32): for devices without a fused kernel."""
+    scores = q.float() @ k.float().transpose(-1, -2) * q.shape[-1] ** -0.5
+    lse = scores.logsumexp(-1)
+    return ((scores - lse[..., None]).exp() @ v.float()).type_as(q), lse
+
+
+def cached_attention(q, k, v, k_ref, v_ref):
+    """Attention of fresh q, k, v (B, L, H, D) over [fresh keys | cached keys] -> (B, L, H, D).
+
+    k_ref, v_ref (Bc, H, M, D) are read in place, never concatenated: the two parts are attended
+    separately and merged exactly by their log-sum-exps (softmax over the union = w softmax(fresh) +
+    (1 - w) softmax(cached), w = sigmoid(lse_fresh - lse_cached)). A cache extracted from one image
+    (Bc = 1) serves all B images at once: their queries become rows of one (1, H, B * L, D) query.
+    """
+    B, L, H, D = q.shape
+    o_new, lse_new = sdpa_lse(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))  # (B, H, L, .)
+    o_ref, lse_ref = sdpa_lse(q.reshape(k_ref.shape[0], -1, H, D).transpose(1, 2), k_ref, v_ref)  # (Bc, H, B / Bc * L, .)
+    o_ref, lse_ref = o_ref.transpose(1, 2).reshape(B, L, H, D), lse_ref.transpose(1, 2).reshape(B, L, H, 1)
+    w = torch.sigmoid(lse_new.transpose(1, 2)[..., None] - lse_ref)  # (B, L, H, 1)
+    return torch.lerp(o_ref.float(), o_new.transpose(1, 2).float(), w).type_as(q)
+
+
 def attention(q, k, v, n_kv_ref, kv_cache=None, layer=0):
     """Joint attention over [text | target | references]; q, k, v (B, L, H, D) -> (B, L, H * D).
 
@@ -200,11 +245,10 @@ def attention(q, k, v, n_kv_ref, kv_cache=None, layer=0):
     a kv_cache holding this layer is read (the step runs no reference token), one without it is filled.
     """
     if kv_cache is not None and len(kv_cache) > layer and n_kv_ref == 0:  # cached step: no reference compute
-        k_ref, v_ref = (t.transpose(1, 2) for t in kv_cache.kv[layer])
-        out = sdpa(q, torch.cat([k, k_ref], dim=1), torch.cat([v, v_ref], dim=1))
+        out = cached_attention(q, k, v, *kv_cache.kv[layer])
     elif n_kv_ref:
         n = n_kv_ref
-        if kv_cache is not None:  # copies: views would keep every token's K/V alive
+        if kv_cache is not None:  # one buffer per layer, written once; a view would keep every token's K/V alive
             kv_cache.kv.append((k[:, -n:].clone().transpose(1, 2), v[:, -n:].clone().transpose(1, 2)))
         out = torch.cat([sdpa(q[:, :-n], k, v), sdpa(q[:, -n:], k[:, -n:], v[:, -n:])], dim=1)
     else:
@@ -316,13 +360,15 @@ class Flux2(nn.Module):
         self.final_layer = LastLayer(D, cfg.in_channels, cfg.eps)
         self.gradient_checkpointing = False
 
-    def forward(self, img, img_ids, txt, txt_ids, t, ref=None, ref_ids=None, kv_cache=None, kv_pattern=False):
+    def forward(self, img, img_ids, txt, txt_ids, t, ref=None, ref_ids=None, kv_cache=None, kv_pattern=False, pe=None):
         """Velocity of the target tokens (B, N, C).
 
         img (B, N, C) target tokens, img_ids (B, N, 4) or (N, 4); txt (B, L, J), txt_ids; t (B,) sigma
         in [0, 1]; ref (B, M, C), ref_ids: any set of reference tokens with their original ids.
         kv_cache: empty -> run the references in the KV pattern and store their K/V; filled -> reuse
         them (pass no ref). kv_pattern=True gives the KV pattern without a cache (training).
+        pe: self.rope(txt_ids, img_ids, ref_ids) when the caller has it (a sampling run computes it
+        once; a cached step passes the [text | target] rows); else computed here.
         """
         B, N, _ = img.shape
         reuse = kv_cache is not None and len(kv_cache) > 0  # a filled cache stands in for the references
@@ -340,9 +386,10 @@ class Flux2(nn.Module):
             img_mod = ref_modulation(img_mod, self.double_stream_modulation_img(ref_vec), n_ref, N + n_ref)
             single_mod = ref_modulation(single_mod, self.single_stream_modulation(ref_vec), n_ref, txt.shape[1] + N + n_ref)
 
-        ids = [txt_ids, img_ids] + ([ref_ids] if n_ref else [])
-        ids = torch.cat([(i if i.ndim == 3 else i[None]).expand(B, -1, -1) for i in ids], dim=1)
-        pe = rope(ids, self.cfg.axes_dim, self.cfg.theta)
+        if pe is None:
+            pe = self.rope(txt_ids, img_ids, ref_ids if n_ref else None)
+        if pe.shape[1] != txt.shape[1] + N + n_ref:
+            raise ValueError(f"pe has {pe.shape[1]} positions for {txt.shape[1]} text, {N} target and {n_ref} reference tokens")
 
         x = self.img_in(img if not n_ref else torch.cat([img, ref], dim=1))  # (B, N + M, D)
         c = self.txt_in(txt)  # (B, L, D)
@@ -355,6 +402,14 @@ class Flux2(nn.Module):
             x = self._run(block, x, single_mod, pe, n_kv_ref, kv_cache, self.cfg.depth + i)
         x = x[:, c.shape[1] : c.shape[1] + N]
         return self.final_layer(x, vec)
+
+    def rope(self, txt_ids, img_ids, ref_ids=None):
+        """RoPE table of the [text | target | references] positions: (1, L + N + M, 1, head_dim / 2, 2),
+        shared by the batch, or (B, ...) when some ids are per example (B, ., 4). Its first L + N rows
+        are the table without references (a cached step's)."""
+        ids = [i for i in (txt_ids, img_ids, ref_ids) if i is not None]
+        B = max(i.shape[0] if i.ndim == 3 else 1 for i in ids)
+        return rope(torch.cat([(i if i.ndim == 3 else i[None]).expand(B, -1, -1) for i in ids], dim=1), self.cfg.axes_dim, self.cfg.theta)
 
     def _run(self, block, *args):
         if self.gradient_checkpointing and torch.is_grad_enabled():

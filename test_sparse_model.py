@@ -7,6 +7,7 @@ from diffusers import Flux2Transformer2DModel
 from diffusers.models.transformers.transformer_flux2 import Flux2KVAttnProcessor, Flux2KVParallelSelfAttnProcessor
 from safetensors.torch import load_file, save_file
 
+import model
 from model import Flux2, Flux2Config, KVCache
 from tiny import TINY, make_inputs, randomize_
 
@@ -207,3 +208,19 @@ def test_cache_misuse(tiny):
         ours(img, img_ids, txt, txt_ids, t, ref=ref[0], ref_ids=ref_ids[0], kv_cache=cache)
         with pytest.raises(ValueError, match="already filled"):
             ours(img, img_ids, txt, txt_ids, t, ref=ref[0], ref_ids=ref_ids[0], kv_cache=cache)
+
+
+def test_cached_attention_equals_one_attention():
+    """The cache read in place: two attentions merged by their log-sum-exps equal one SDPA over the
+    concatenated keys, for a cache of each image's own (Bc = B) and one shared by the batch (Bc = 1)."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(3, 5, 2, 8, generator=g) for _ in range(3))  # (B, L, H, D)
+    k_ref, v_ref = (torch.randn(3, 2, 6, 8, generator=g) for _ in range(2))  # (B, H, M, D)
+    out, lse = model.sdpa_lse(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+    want_out, want_lse = model.sdpa_lse_math(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+    assert_close(out, want_out) and assert_close(lse, want_lse)
+    for shared in (False, True):
+        kr, vr = (k_ref[:1], v_ref[:1]) if shared else (k_ref, v_ref)
+        keys = torch.cat([k, kr.transpose(1, 2).expand(3, -1, -1, -1)], dim=1)
+        values = torch.cat([v, vr.transpose(1, 2).expand(3, -1, -1, -1)], dim=1)
+        assert_close(model.cached_attention(q, k, v, kr, vr), model.sdpa(q, keys, values))
