@@ -33,7 +33,7 @@ import torch
 from files import DTYPES, ArgumentParser, check_number, check_writable, resolve_device, write_atomic
 from memory_plan import activation_peak, memory_section, plan_rows
 from model import Flux2, Flux2Config, KVCache
-from pipeline import (denoise, expand_cache, gather_references, generate, grid_ids, initial_noise, sample_latents, schedule,
+from pipeline import (denoise, gather_references, generate, grid_ids, initial_noise, sample_latents, schedule,
                       synchronize, text_ids)  # fmt: skip
 from token_selectors import n_keep
 
@@ -471,7 +471,7 @@ def bench_per_image(model, twin, args, device, dtype, log):
         txt = torch.cat([txts[p] for p, _ in todo])
         cache = KVCache()
         model(x[:1], img_ids, txt[:1], txt_ids, sigmas[:1], ref=sparse, ref_ids=sparse_ids, kv_cache=cache)
-        step = functools.partial(model, x, img_ids, txt, txt_ids, sigmas[:1].expand(n), kv_cache=expand_cache(cache, n))
+        step = functools.partial(model, x, img_ids, txt, txt_ids, sigmas[:1].expand(n), kv_cache=cache)
         jobs[n, "cached"] = lambda step=step: [step() for _ in range(STEPS)]
         if twin is not None:
             jobs[n, "diffusers_kv"] = functools.partial(diffusers_kv_loop, twin, x, img_ids, txt, txt_ids, ref, ref_ids, sigmas)

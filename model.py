@@ -71,25 +71,28 @@ def timestep_embedding(t, dim, max_period=10000):
 
 
 def rope(ids, axes_dim, theta):
-    """Rotations for 4-axis ids (B, L, 4) -> e^(i angle) (B, L, 1, head_dim / 2), complex64.
+    """cos and sin of the rotation angles of 4-axis ids (B, L, 4) -> (B, L, 1, head_dim / 2, 2) float32.
 
-    Angles in float64, rotations rounded to float32 (as cos and sin in float32).
+    Angles in float64, rounded to float32 once: a sampling run computes this table once (its ids never
+    change, see Flux2.rope) and every step and image of the run reuses it.
     """
     angles = []
     for i, d in enumerate(axes_dim):
         omega = 1.0 / theta ** (torch.arange(0, d, 2, dtype=torch.float64, device=ids.device) / d)
         angles.append(ids[..., i].double()[..., None] * omega)  # (B, L, d / 2)
     angles = torch.cat(angles, dim=-1)
-    return torch.polar(torch.ones_like(angles), angles).to(torch.complex64)[:, :, None]
+    return torch.stack([angles.cos(), angles.sin()], dim=-1).float()[:, :, None]
 
 
 def apply_rope(x, pe):
-    """Rotate interleaved pairs (x[2j], x[2j+1]) of x (B, L, H, D) by the angles in pe.
+    """Rotate interleaved pairs (a, b) = (x[2j], x[2j+1]) of x (B, L, H, D) by the angles of pe.
 
-    Rotating the pair (a, b) is multiplying the complex number a + ib by e^(i angle): one pass over x.
+    BFL's real 2x2 form (a cos - b sin, a sin + b cos), in float32: no complex numbers, so Inductor
+    compiles it.
     """
-    pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))  # (B, L, H, D / 2)
-    return torch.view_as_real(pairs * pe).flatten(-2).type_as(x)
+    a, b = x.float().unflatten(-1, (-1, 2)).unbind(-1)  # (B, L, H, D / 2)
+    cos, sin = pe.unbind(-1)  # (B or 1, L, 1, D / 2)
+    return torch.stack([a * cos - b * sin, a * sin + b * cos], dim=-1).flatten(-2).type_as(x)
 
 
 class RMSNorm(nn.Module):
@@ -168,7 +171,8 @@ class KVCache:
     """Reference K/V (after QK-norm and RoPE) of every block, from the step that extracted them.
 
     Empty: the next forward with references runs them in the KV pattern and fills it.
-    Filled: later forwards take no references and attend to these instead.
+    Filled: later forwards take no references and attend to these instead, read in place: a cache
+    extracted from one image serves a batch of any size (see `cached_attention`).
     """
 
     def __init__(self):
@@ -182,35 +186,73 @@ class KVCache:
         return self.kv[0][0].shape[2] if self.kv else 0
 
 
-def sdpa(q, k, v, mask=None):
-    """Softmax attention on (B, L, H, D) tensors -> (B, L, H, D); mask (B, 1, 1, L_k) bool or None.
+def sdpa(q, k, v):
+    """Softmax attention on (B, L, H, D) tensors -> (B, L, H, D).
 
     SDPA takes (B, H, L, D): transposed views suffice (as diffusers passes them), and its fused
-    kernels lay the output out as (B, L, H, D), so no transpose here copies anything.
+    kernels lay the output out as (B, L, H, D), so no transpose here copies anything. No mask is
+    ever passed: every kernel (FlashAttention included) can run.
     """
-    return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask).transpose(1, 2)
+    return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
 
 
-def attention(q, k, v, mask, n_kv_ref, kv_cache=None, layer=0):
+def sdpa_lse(q, k, v):
+    """Attention and the log-sum-exp of its scores: q (B, H, Lq, D), k, v (B, H, Lk, D) -> out
+    (B, H, Lq, D), lse (B, H, Lq) float32.
+
+    The fused kernels compute the LSE anyway and return it from their aten ops (PyTorch's context
+    parallelism merges attention blocks with it); other devices take the math.
+    """
+    if q.device.type == "cpu":
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v)
+    elif q.device.type == "cuda" and q.dtype in (torch.float16, torch.bfloat16):
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v)[:2]
+    elif q.device.type == "cuda":
+        out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, None, True)[:2]
+    else:
+        out, lse = sdpa_lse_math(q, k, v)
+    return out, lse[..., : q.shape[2]]  # the efficient kernel pads the LSE's rows
+
+
+def sdpa_lse_math(q, k, v):
+    """sdpa_lse written out (every score materialized, in float32): for devices without a fused kernel."""
+    scores = q.float() @ k.float().transpose(-1, -2) * q.shape[-1] ** -0.5
+    lse = scores.logsumexp(-1)
+    return ((scores - lse[..., None]).exp() @ v.float()).type_as(q), lse
+
+
+def cached_attention(q, k, v, k_ref, v_ref):
+    """Attention of fresh q, k, v (B, L, H, D) over [fresh keys | cached keys] -> (B, L, H, D).
+
+    k_ref, v_ref (Bc, H, M, D) are read in place, never concatenated: the two parts are attended
+    separately and merged exactly by their log-sum-exps (softmax over the union = w softmax(fresh) +
+    (1 - w) softmax(cached), w = sigmoid(lse_fresh - lse_cached)). A cache extracted from one image
+    (Bc = 1) serves all B images at once: their queries become rows of one (1, H, B * L, D) query.
+    """
+    B, L, H, D = q.shape
+    o_new, lse_new = sdpa_lse(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))  # (B, H, L, .)
+    o_ref, lse_ref = sdpa_lse(q.reshape(k_ref.shape[0], -1, H, D).transpose(1, 2), k_ref, v_ref)  # (Bc, H, B / Bc * L, .)
+    o_ref, lse_ref = o_ref.transpose(1, 2).reshape(B, L, H, D), lse_ref.transpose(1, 2).reshape(B, L, H, 1)
+    w = torch.sigmoid(lse_new.transpose(1, 2)[..., None] - lse_ref)  # (B, L, H, 1)
+    return torch.lerp(o_ref.float(), o_new.transpose(1, 2).float(), w).type_as(q)
+
+
+def attention(q, k, v, n_kv_ref, kv_cache=None, layer=0):
     """Joint attention over [text | target | references]; q, k, v (B, L, H, D) -> (B, L, H * D).
 
     n_kv_ref > 0: the last n_kv_ref tokens are references in the KV pattern: they attend only to
     themselves, the rest attend to all. This is the one place where reference K/V are cached and reused:
     a kv_cache holding this layer is read (the step runs no reference token), one without it is filled.
-    mask (B, 1, 1, L) is False at padding keys (training batches whose reference subsets differ in size).
     """
     if kv_cache is not None and len(kv_cache) > layer and n_kv_ref == 0:  # cached step: no reference compute
-        k_ref, v_ref = (t.transpose(1, 2) for t in kv_cache.kv[layer])
-        out = sdpa(q, torch.cat([k, k_ref], dim=1), torch.cat([v, v_ref], dim=1))
+        out = cached_attention(q, k, v, *kv_cache.kv[layer])
     elif n_kv_ref:
         n = n_kv_ref
-        if kv_cache is not None:  # copies: views would keep every token's K/V alive
+        if kv_cache is not None:  # one buffer per layer, written once; a view would keep every token's K/V alive
             kv_cache.kv.append((k[:, -n:].clone().transpose(1, 2), v[:, -n:].clone().transpose(1, 2)))
-        main = sdpa(q[:, :-n], k, v, mask)
-        ref = sdpa(q[:, -n:], k[:, -n:], v[:, -n:], None if mask is None else mask[..., -n:])
-        out = torch.cat([main, ref], dim=1)
+        out = torch.cat([sdpa(q[:, :-n], k, v), sdpa(q[:, -n:], k[:, -n:], v[:, -n:])], dim=1)
     else:
-        out = sdpa(q, k, v, mask)
+        out = sdpa(q, k, v)
     return out.flatten(2)
 
 
@@ -247,7 +289,7 @@ class DoubleStreamBlock(nn.Module):
         self.txt_attn = SelfAttention(D, cfg.num_heads)
         self.txt_mlp = nn.Sequential(nn.Linear(D, 2 * M, bias=False), SwiGLU(), nn.Linear(M, D, bias=False))
 
-    def forward(self, img, txt, img_mod, txt_mod, pe, mask, n_kv_ref, kv_cache, layer):
+    def forward(self, img, txt, img_mod, txt_mod, pe, n_kv_ref, kv_cache, layer):
         # img (B, N + M, D): target then reference tokens (both use the image weights); txt (B, L, D)
         i_shift1, i_scale1, i_gate1, i_shift2, i_scale2, i_gate2 = img_mod
         t_shift1, t_scale1, t_gate1, t_shift2, t_scale2, t_gate2 = txt_mod
@@ -255,7 +297,7 @@ class DoubleStreamBlock(nn.Module):
         tq, tk, tv = self.txt_attn.qkv_heads(modulate(txt, t_shift1, t_scale1, self.eps))
         q = apply_rope(torch.cat([tq, iq], dim=1), pe)
         k = apply_rope(torch.cat([tk, ik], dim=1), pe)
-        out = attention(q, k, torch.cat([tv, iv], dim=1), mask, n_kv_ref, kv_cache, layer)
+        out = attention(q, k, torch.cat([tv, iv], dim=1), n_kv_ref, kv_cache, layer)
         L = txt.shape[1]
         img = gated(img, i_gate1, self.img_attn.proj(out[:, L:]))
         img = gated(img, i_gate2, self.img_mlp(modulate(img, i_shift2, i_scale2, self.eps)))
@@ -276,12 +318,12 @@ class SingleStreamBlock(nn.Module):
         self.norm = QKNorm(cfg.head_dim)
         self.mlp_act = SwiGLU()
 
-    def forward(self, x, mod, pe, mask, n_kv_ref, kv_cache, layer):
+    def forward(self, x, mod, pe, n_kv_ref, kv_cache, layer):
         shift, scale, gate = mod
         qkv, mlp = self.linear1(modulate(x, shift, scale, self.eps)).split(self.split, dim=-1)
         q, k, v = split_heads(qkv, self.num_heads)
         q, k = self.norm(q, k)
-        out = attention(apply_rope(q, pe), apply_rope(k, pe), v, mask, n_kv_ref, kv_cache, layer)
+        out = attention(apply_rope(q, pe), apply_rope(k, pe), v, n_kv_ref, kv_cache, layer)
         return gated(x, gate, self.linear2(torch.cat([out, self.mlp_act(mlp)], dim=-1)))
 
 
@@ -318,15 +360,15 @@ class Flux2(nn.Module):
         self.final_layer = LastLayer(D, cfg.in_channels, cfg.eps)
         self.gradient_checkpointing = False
 
-    def forward(self, img, img_ids, txt, txt_ids, t, ref=None, ref_ids=None, kv_cache=None, kv_pattern=False, ref_mask=None):
+    def forward(self, img, img_ids, txt, txt_ids, t, ref=None, ref_ids=None, kv_cache=None, kv_pattern=False, pe=None):
         """Velocity of the target tokens (B, N, C).
 
         img (B, N, C) target tokens, img_ids (B, N, 4) or (N, 4); txt (B, L, J), txt_ids; t (B,) sigma
         in [0, 1]; ref (B, M, C), ref_ids: any set of reference tokens with their original ids.
         kv_cache: empty -> run the references in the KV pattern and store their K/V; filled -> reuse
         them (pass no ref). kv_pattern=True gives the KV pattern without a cache (training).
-        ref_mask (B, M) bool, False at padding: lets examples with different numbers of kept reference
-        tokens share a batch (training); each example needs at least one real reference token.
+        pe: self.rope(txt_ids, img_ids, ref_ids) when the caller has it (a sampling run computes it
+        once; a cached step passes the [text | target] rows); else computed here.
         """
         B, N, _ = img.shape
         reuse = kv_cache is not None and len(kv_cache) > 0  # a filled cache stands in for the references
@@ -344,26 +386,30 @@ class Flux2(nn.Module):
             img_mod = ref_modulation(img_mod, self.double_stream_modulation_img(ref_vec), n_ref, N + n_ref)
             single_mod = ref_modulation(single_mod, self.single_stream_modulation(ref_vec), n_ref, txt.shape[1] + N + n_ref)
 
-        ids = [txt_ids, img_ids] + ([ref_ids] if n_ref else [])
-        ids = torch.cat([(i if i.ndim == 3 else i[None]).expand(B, -1, -1) for i in ids], dim=1)
-        pe = rope(ids, self.cfg.axes_dim, self.cfg.theta)
+        if pe is None:
+            pe = self.rope(txt_ids, img_ids, ref_ids if n_ref else None)
+        if pe.shape[1] != txt.shape[1] + N + n_ref:
+            raise ValueError(f"pe has {pe.shape[1]} positions for {txt.shape[1]} text, {N} target and {n_ref} reference tokens")
 
         x = self.img_in(img if not n_ref else torch.cat([img, ref], dim=1))  # (B, N + M, D)
         c = self.txt_in(txt)  # (B, L, D)
-        mask = None
-        if ref_mask is not None and n_ref:
-            if kv_cache is not None:
-                raise ValueError("ref_mask is for training batches; it cannot be combined with a KV cache")
-            mask = torch.cat([ref_mask.new_ones(B, txt.shape[1] + N), ref_mask.bool()], dim=1)[:, None, None]
         n_kv_ref = n_ref if kv_refs else 0
         kv_cache = kv_cache if (kv_refs or reuse) else None  # filled by this call, or read by it
         for i, block in enumerate(self.double_blocks):
-            x, c = self._run(block, x, c, img_mod, txt_mod, pe, mask, n_kv_ref, kv_cache, i)
+            x, c = self._run(block, x, c, img_mod, txt_mod, pe, n_kv_ref, kv_cache, i)
         x = torch.cat([c, x], dim=1)
         for i, block in enumerate(self.single_blocks):
-            x = self._run(block, x, single_mod, pe, mask, n_kv_ref, kv_cache, self.cfg.depth + i)
+            x = self._run(block, x, single_mod, pe, n_kv_ref, kv_cache, self.cfg.depth + i)
         x = x[:, c.shape[1] : c.shape[1] + N]
         return self.final_layer(x, vec)
+
+    def rope(self, txt_ids, img_ids, ref_ids=None):
+        """RoPE table of the [text | target | references] positions: (1, L + N + M, 1, head_dim / 2, 2),
+        shared by the batch, or (B, ...) when some ids are per example (B, ., 4). Its first L + N rows
+        are the table without references (a cached step's)."""
+        ids = [i for i in (txt_ids, img_ids, ref_ids) if i is not None]
+        B = max(i.shape[0] if i.ndim == 3 else 1 for i in ids)
+        return rope(torch.cat([(i if i.ndim == 3 else i[None]).expand(B, -1, -1) for i in ids], dim=1), self.cfg.axes_dim, self.cfg.theta)
 
     def _run(self, block, *args):
         if self.gradient_checkpointing and torch.is_grad_enabled():

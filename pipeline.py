@@ -75,36 +75,32 @@ def schedule(num_steps, seq_len):
     return torch.cat([torch.from_numpy(s).float(), torch.zeros(1)])
 
 
-def expand_cache(cache, batch):
-    """A batch-1 KVCache seen as `batch` images' cache: the K/V are expanded views, not copies."""
-    out = KVCache()
-    out.kv = [(k.expand(batch, -1, -1, -1), v.expand(batch, -1, -1, -1)) for k, v in cache.kv]
-    return out
-
-
-def velocity(model, x, img_ids, txt, txt_ids, t, ref, ref_ids, cache):
+def velocity(model, x, img_ids, txt, txt_ids, t, ref, ref_ids, cache, pe):
     """Target velocity (B, N, C) of B images that share one set of reference tokens ref (1, M, C).
 
     No cache: every image runs the references (they attend to its text and target). Empty cache:
     the first image runs them in the KV pattern and fills the cache; the other images, like every
-    later call, attend to the cached K/V and run no reference token.
+    later call, attend to the cached K/V (one copy for the whole batch) and run no reference token.
+    pe: model.rope of [text | target | references], computed once per run; a cached call takes its
+    [text | target] rows.
     """
     B = x.shape[0]
+    fresh = pe[:, : txt.shape[1] + x.shape[1]]
     if cache is None:
         refs = {} if ref is None else dict(ref=ref.expand(B, -1, -1), ref_ids=ref_ids)
-        return model(x, img_ids, txt, txt_ids, t, **refs)
+        return model(x, img_ids, txt, txt_ids, t, pe=pe, **refs)
     if len(cache) == 0:
         if ref.shape[0] == B:  # one set of references per image (e.g. an evaluation batch): fill from all
-            return model(x, img_ids, txt, txt_ids, t, ref=ref, ref_ids=ref_ids, kv_cache=cache)
-        v = model(x[:1], img_ids, txt[:1], txt_ids, t[:1], ref=ref, ref_ids=ref_ids, kv_cache=cache)
+            return model(x, img_ids, txt, txt_ids, t, ref=ref, ref_ids=ref_ids, kv_cache=cache, pe=pe)
+        v = model(x[:1], img_ids, txt[:1], txt_ids, t[:1], ref=ref, ref_ids=ref_ids, kv_cache=cache, pe=pe)
         if B == 1:
             return v
-        return torch.cat([v, velocity(model, x[1:], img_ids, txt[1:], txt_ids, t[1:], None, None, cache)])
-    return model(x, img_ids, txt, txt_ids, t, kv_cache=expand_cache(cache, B))
+        return torch.cat([v, model(x[1:], img_ids, txt[1:], txt_ids, t[1:], kv_cache=cache, pe=fresh)])
+    return model(x, img_ids, txt, txt_ids, t, kv_cache=cache, pe=fresh)
 
 
 def denoise(model, x, img_ids, txt, txt_ids, sigmas, ref=None, ref_ids=None, kv_cache=None,
-            guidance=1.0, neg_txt=None, progress=False):  # fmt: skip
+            guidance=1.0, neg_txt=None, progress=False, pe=None):  # fmt: skip
     """Flow-matching Euler from noise x (B, N, C) at sigmas[0] to sigmas[-1]; returns x.
 
     txt (B, L, J): each image's prompt; ref (1, M, C), ref_ids (M, 4): references all images share.
@@ -112,15 +108,17 @@ def denoise(model, x, img_ids, txt, txt_ids, sigmas, ref=None, ref_ids=None, kv_
     neg_txt (1, L, J). kv_cache: None, or a KVCache: empty, it is filled at the first step from one
     image; filled, it is reused as it is. In the KV pattern references see neither text nor target,
     so one extraction is exact for both CFG passes, every prompt, every seed and every later call.
-    progress: False or a progress-bar label.
+    progress: False or a progress-bar label. pe: model.rope(txt_ids, img_ids, ref_ids), computed here
+    if not given.
     """
     cache = kv_cache if kv_cache is not None and (ref is not None or len(kv_cache)) else None
+    pe = model.rope(txt_ids, img_ids, ref_ids) if pe is None else pe
     B = x.shape[0]
     for i in tqdm(range(len(sigmas) - 1), disable=not progress, desc=progress or None):
         t = (sigmas[i] * 1000).expand(B).to(x.dtype) / 1000  # diffusers passes timesteps / 1000
-        v = velocity(model, x, img_ids, txt, txt_ids, t, ref, ref_ids, cache)
+        v = velocity(model, x, img_ids, txt, txt_ids, t, ref, ref_ids, cache, pe)
         if guidance > 1:
-            v_u = velocity(model, x, img_ids, neg_txt.expand(B, -1, -1), txt_ids, t, ref, ref_ids, cache)
+            v_u = velocity(model, x, img_ids, neg_txt.expand(B, -1, -1), txt_ids, t, ref, ref_ids, cache, pe)
             v = v_u + guidance * (v - v_u)
         x = (x.float() + (sigmas[i + 1] - sigmas[i]) * v.float()).to(v.dtype)
     return x
@@ -411,13 +409,15 @@ def sample_latents(transformer, jobs, txts, h, w, steps, ref=None, ref_ids=None,
     """Final latents (1, h * w, C) for every (prompt, seed) job, batch_size images per transformer call.
 
     txts {prompt: (1, L, J)}. With kv_cache the references' K/V are extracted once, by the first
-    image, and every other image of every batch attends to them (expanded, not recomputed).
+    image, and every other image of every batch attends to them (read in place, not recomputed). The
+    RoPE table is computed once for all of them.
     """
     device = txts[jobs[0][0]].device
     dtype = next(transformer.parameters()).dtype
     sigmas, img_ids = schedule(steps, h * w).to(device), grid_ids(h, w).to(device)
     txt_ids = text_ids(txts[jobs[0][0]].shape[1]).to(device)
     cache = KVCache() if kv_cache and ref is not None else None
+    pe = transformer.rope(txt_ids, img_ids, ref_ids)
     batches = [jobs[i : i + batch_size] for i in range(0, len(jobs), batch_size)]
     out = []
     for b, batch in enumerate(batches):
@@ -425,7 +425,7 @@ def sample_latents(transformer, jobs, txts, h, w, steps, ref=None, ref_ids=None,
         txt = torch.cat([txts[p] for p, _ in batch])
         label = progress and ("denoising" if len(batches) == 1 else f"denoising {b + 1}/{len(batches)}")
         x = denoise(transformer, x, img_ids, txt, txt_ids, sigmas, ref=ref, ref_ids=ref_ids, kv_cache=cache,
-                    guidance=guidance, neg_txt=neg, progress=label)  # fmt: skip
+                    guidance=guidance, neg_txt=neg, progress=label, pe=pe)  # fmt: skip
         for (p, s), xi in zip(batch, x.split(1)):
             check_finite(xi, f"the sampled latent for prompt {p!r} seed {s}", LATENT_CAUSES)
         out += x.split(1)

@@ -285,7 +285,7 @@ def pretrain(path, cache, settings, seed):
     bar = tqdm(range(steps), desc="pretraining the base")
     for step in bar:
         pick = torch.randint(len(items), (batch,), generator=generator(seed, "base", step)).tolist()
-        examples = [training_example(items[i], generator(seed, "base", step, j), (1, 1), 1.0) for j, i in enumerate(pick)]
+        examples = [training_example(items[i], generator(seed, "base", step, j), None) for j, i in enumerate(pick)]
         for group in opt.param_groups:  # warmup, then cosine to a tenth
             p = max(0.0, (step - warmup) / max(1, steps - warmup))
             group["lr"] = lr * min(1.0, (step + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * p)))

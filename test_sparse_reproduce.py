@@ -79,7 +79,7 @@ def test_evaluation_of_a_model_on_its_training_example_beats_noise():
     item = R.as_item(ex)
     for step in range(300):
         opt.zero_grad()
-        flow_matching_loss(model, [training_example(item, generator("overfit", step), (1, 1), 1.0)], False, "cpu").mean().backward()
+        flow_matching_loss(model, [training_example(item, generator("overfit", step), None)], False, "cpu").mean().backward()
         opt.step()
     model.eval()
     settings = dict(R.SETTINGS["quick"], seeds=1, keeps=(1.0,), sample_steps=8)

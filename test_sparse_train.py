@@ -10,9 +10,11 @@ import sys
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from diffusers import Flux2KleinPipeline, Flux2Transformer2DModel
 from PIL import Image
 from safetensors.torch import load_file
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import data
 import lora
@@ -363,8 +365,10 @@ def test_cli_bad_input(klein, tmp_path, capsys):
 
 def test_drop_references():
     refs = [torch.randn(16, 4, 5), torch.randn(16, 3, 3)]
-    tokens, ids = train.drop_references(refs, train.generator(0, 1, 2), (0.2, 0.25), keep_all_prob=0.0)
-    again = train.drop_references(refs, train.generator(0, 1, 2), (0.2, 0.25), keep_all_prob=0.0)
+    keeps = train.keep_fractions(train.generator(0, 1, "keep"), 2, (0.2, 0.25), keep_all_prob=0.0)
+    assert keeps[:1] == train.keep_fractions(train.generator(0, 1, "keep"), 1, (0.2, 0.25), 0.0)  # per slot, whatever the count
+    tokens, ids = train.drop_references(refs, train.generator(0, 1, 2), keeps)
+    again = train.drop_references(refs, train.generator(0, 1, 2), keeps)
     assert torch.equal(tokens, again[0]) and torch.equal(ids, again[1])
     first = ids[:, 0] == 10
     assert first.sum() == 4 and (~first).sum() == 2  # round(f * 20), round(f * 9) kept with f in [0.2, 0.25]
@@ -372,10 +376,15 @@ def test_drop_references():
         sel = ids[:, 0] == 10 * (k + 1)
         for x, (t, h, w, l) in zip(tokens[sel], ids[sel].tolist()):
             assert torch.equal(x, z[:, h, w]) and l == 0
-    tokens, ids = train.drop_references(refs, train.generator(0, 1, 2), (0.05, 0.25), keep_all_prob=1.0)
-    assert tokens.shape == (29, 16)
-    kept = [train.drop_references(refs, train.generator(0, 1, i), (0.05, 0.25), 0.5)[0].shape[0] for i in range(200)]
-    assert 0.35 < sum(k == 29 for k in kept) / 200 < 0.65
+    other = train.drop_references(refs, train.generator(0, 1, 3), keeps)  # another example of the step:
+    assert other[1].shape == ids.shape and not torch.equal(other[1], ids)  # the same count, other tokens
+    assert train.drop_references(refs, train.generator(0, 1, 2), None)[0].shape == (29, 16)
+    # per reference, over steps: all kept with probability keep_all_prob, else f ~ U(keep_range)
+    draws = [train.keep_fractions(train.generator(0, n, "keep"), 2, (0.05, 0.25), 0.5) for n in range(400)]
+    assert 0.4 < sum(d is None for d in draws) / 400 < 0.6
+    fractions = torch.tensor([d for d in draws if d is not None])
+    assert fractions.min() >= 0.05 and fractions.max() <= 0.25 and abs(fractions.mean() - 0.15) < 0.01
+    assert abs(torch.corrcoef(fractions.T)[0, 1]) < 0.2  # the slots' fractions are independent
 
 
 def eval_loss(model, data, draws=4):
@@ -385,7 +394,8 @@ def eval_loss(model, data, draws=4):
     with torch.no_grad():
         for i in range(len(data)):
             for j in range(draws):
-                ex = train.training_example(data[i], train.generator("eval", i, j), (0.05, 0.25), 0.1)
+                keeps = train.keep_fractions(train.generator("eval", i, j, "keep"), len(data[i]["refs"]), (0.05, 0.25), 0.1)
+                ex = train.training_example(data[i], train.generator("eval", i, j), keeps)
                 losses.append(train.flow_matching_loss(model, [ex], False, torch.device("cpu")))
                 zero.append((ex["noise"] - ex["x0"]).pow(2).mean())
     return torch.cat(losses).mean().item(), torch.stack(zero).mean().item()
@@ -477,6 +487,26 @@ def test_torchrun_equals_one_process(klein, tmp_path, monkeypatch):
         a, b = (np.array([r[key] for r in logs[d]]) for d in ("two", "stacked"))
         print(f"\ntorchrun x2 vs one process, one forward of 2: {key} max rel diff {np.abs(a / b - 1).max():.1e}")
         assert np.allclose(a, b, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("kv", [False, True])
+def test_training_forwards_take_no_mask(klein, tmp_path, monkeypatch, kv):
+    """A run of two examples per forward under sdpa_kernel(MATH), with an SDPA that fails on any mask:
+    examples of one step share their keep fractions, so those of equal grids share a forward unpadded."""
+    root, _, cache = klein
+    sdpa, calls, sizes, loss = F.scaled_dot_product_attention, [], [], train.flow_matching_loss
+
+    def maskless(q, k, v, attn_mask=None, **kw):
+        assert attn_mask is None, "a training forward passed an attention mask"
+        calls.append(q.shape[0])
+        return sdpa(q, k, v, **kw)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", maskless)
+    monkeypatch.setattr(train, "flow_matching_loss", lambda model, group, *a: sizes.append(len(group)) or loss(model, group, *a))
+    with sdpa_kernel(SDPBackend.MATH):
+        train.main(run_args(root, cache, tmp_path / "run", "--steps", "4", "--batch-size", "2", *(["--kv"] if kv else [])))
+    assert 2 in sizes and 2 in calls  # a forward of two examples, through the wrapper
+    assert len(lora_of(tmp_path / "run")) > 0
 
 
 def test_cli_summaries(klein, tmp_path, capsys):

@@ -14,10 +14,13 @@ left behind); --resume drops the log lines after the checkpoint's step, and a li
 The first non-finite loss or gradient stops the run with an error naming the step, before the update.
 
 One step takes a global batch of G = batch_size x grad_accum x processes examples:
-  - example i at step n draws everything from its own generator, seeded by (seed, n, i): sigma,
-    noise, and for each reference a keep fraction f ~ U(keep_range) and which tokens survive
-    (uniform, without replacement; survivors keep their original ids), or, with probability
-    keep_all_prob, keeps every reference token (never seeing dense references costs dense quality);
+  - step n draws from a generator seeded by (seed, n, "keep") whether its examples keep every
+    reference token (probability keep_all_prob: never seeing dense references costs dense quality),
+    else one keep fraction f_k ~ U(keep_range) per reference slot k: the k-th reference of every
+    example of the step keeps n_keep(f_k, its tokens);
+  - example i at step n draws the rest from its own generator, seeded by (seed, n, i): sigma, noise,
+    and which tokens of each reference survive (uniform, without replacement; survivors keep their
+    original ids);
   - its loss is the mean over target tokens of |v - (e - x0)|^2 at x_s = (1 - s) x0 + s e;
   - the step minimizes the mean over the G examples: each process backpropagates its share divided
     by G, and the LoRA gradients are summed across processes.
@@ -27,9 +30,14 @@ update with the same G (up to float summation order), and a resumed run repeats 
 Sigma: logit-normal (mean 0, std 1), then klein's exponential shift s' = e^mu / (e^mu + 1/s - 1)
 with mu = pipeline.empirical_mu(target tokens, 50): training puts its sigmas where klein's sampler
 spends its steps at that resolution (50 is the base models' step count, the ones one fine-tunes).
-References may differ per example in size and kept count; examples of one step that agree in
-target grid share a forward (up to batch_size), their references padded to the longest and the
-padding masked out of attention (model ref_mask).
+Examples of one step that agree in target grid and kept reference-token count (equal reference
+grids give equal counts: the step's fractions are shared) share a forward (up to batch_size), with no
+padding and no attention mask, so every forward can take the fastest attention kernel (FlashAttention
+on CUDA); examples that disagree run in separate forwards. Against a fraction drawn per example and
+reference, each reference's distribution is the same (keep-all with probability keep_all_prob, else
+f ~ U(keep_range), uniform survivors), so the expected loss and gradient are too; what changes is that
+the examples of one step are no longer independent: they are dense together or sparse together, with
+equal fractions, which makes the step-to-step gradient noisier.
 """
 
 import argparse
@@ -77,54 +85,59 @@ def sample_sigma(g, num_tokens):
     return e / (e + (1 / s - 1))
 
 
-def drop_references(refs, g, keep_range, keep_all_prob):
-    """Reference latents [(C, h, w)] -> surviving tokens (M, C) and their original ids (M, 4)."""
-    keep_all = torch.rand((), generator=g).item() < keep_all_prob
+def keep_fractions(g, n_refs, keep_range, keep_all_prob):
+    """The keep fraction of each of n_refs reference slots, or None: keep every token. Drawn from a step's
+    generator (seed, step, "keep"), every example of the step gets the same ones; drawn one by one, the
+    first k are the same whatever n_refs is."""
+    if torch.rand((), generator=g).item() < keep_all_prob:
+        return None
+    lo, hi = keep_range
+    return [lo + (hi - lo) * torch.rand((), generator=g).item() for _ in range(n_refs)]
+
+
+def drop_references(refs, g, keeps):
+    """Reference latents [(C, h, w)] -> surviving tokens (M, C) and their original ids (M, 4): reference
+    k keeps n_keep(keeps[k], h w) tokens drawn by g (uniform, without replacement); keeps None keeps all."""
     tokens, ids = [], []
     for k, z in enumerate(refs):
         h, w = z.shape[1:]
         x, i = pack(z[None])[0], grid_ids(h, w, t=10 * (k + 1))  # (h * w, C), (h * w, 4)
-        if not keep_all:
-            lo, hi = keep_range
-            f = lo + (hi - lo) * torch.rand((), generator=g).item()
-            keep = torch.randperm(h * w, generator=g)[: n_keep(f, h * w)].sort().values
+        if keeps is not None:
+            keep = torch.randperm(h * w, generator=g)[: n_keep(keeps[k], h * w)].sort().values
             x, i = x[keep], i[keep]
         tokens.append(x)
         ids.append(i)
     return torch.cat(tokens), torch.cat(ids)
 
 
-def training_example(item, g, keep_range, keep_all_prob):
-    """One example's tensors for one step; everything random comes from g, in a fixed order."""
+def training_example(item, g, keeps):
+    """One example's tensors for one step; everything random comes from g, in a fixed order, and the
+    step's keep fractions keeps (keep_fractions)."""
     h, w = item["target"].shape[1:]
     x0 = pack(item["target"][None].float())[0]  # (N, C)
     s = sample_sigma(g, h * w)
     noise = torch.randn(x0.shape, generator=g)
-    ref, ref_ids = drop_references(item["refs"], g, keep_range, keep_all_prob)
+    ref, ref_ids = drop_references(item["refs"], g, keeps)
     txt = item["txt"].float()
     return dict(x0=x0, noise=noise, s=torch.tensor(s), img_ids=grid_ids(h, w), ref=ref.float(), ref_ids=ref_ids, txt=txt)
 
 
 def forward_groups(examples, size):
-    """Examples that can share one forward (same target grid and text length), <= size each."""
+    """Examples that can share one forward without padding (same target grid, text length and number of
+    kept reference tokens), <= size each."""
     groups = {}
     for e in examples:
-        groups.setdefault((e["x0"].shape, e["txt"].shape), []).append(e)
+        groups.setdefault((e["x0"].shape, e["txt"].shape, e["ref"].shape), []).append(e)
     return [g[i : i + size] for g in groups.values() for i in range(0, len(g), size)]
 
 
 def flow_matching_loss(model, examples, kv, device):
-    """Per-example loss (B,) of examples of equal target and text shapes, in one forward."""
+    """Per-example loss (B,) of examples of equal shapes (forward_groups), in one forward with no mask."""
     stack = lambda k: torch.stack([e[k] for e in examples]).to(device)
-    pad = lambda k: torch.nn.utils.rnn.pad_sequence([e[k] for e in examples], batch_first=True).to(device)
-    counts = [e["ref"].shape[0] for e in examples]
-    mask = None  # padding keys masked out when the examples kept different numbers of reference tokens
-    if len(set(counts)) > 1:
-        mask = (torch.arange(max(counts))[None] < torch.tensor(counts)[:, None]).to(device)
     x0, noise, s = stack("x0"), stack("noise"), stack("s").float()
     x_t = (1 - s[:, None, None]) * x0 + s[:, None, None] * noise
     txt, txt_ids = stack("txt"), text_ids(examples[0]["txt"].shape[0]).to(device)
-    v = model(x_t, stack("img_ids"), txt, txt_ids, s, ref=pad("ref"), ref_ids=pad("ref_ids"), kv_pattern=kv, ref_mask=mask)
+    v = model(x_t, stack("img_ids"), txt, txt_ids, s, ref=stack("ref"), ref_ids=stack("ref_ids"), kv_pattern=kv)
     return (v.float() - (noise - x0)).pow(2).mean(dim=(1, 2))
 
 
@@ -409,8 +422,11 @@ def run_training(args, rank, world, device):
             batches = epoch_batches(buckets, G, args.seed, epoch)
         batch = batches[step % per_epoch]
         mine = batch[rank::world]
+        items = [data[i] for i in mine]
+        keeps = [keep_fractions(generator(args.seed, step, "keep"), len(item["refs"]), args.keep_range, args.keep_all_prob)
+                 for item in items]  # keyed by the step: shared by its examples  # fmt: skip
         draws = [generator(args.seed, step, i) for i in mine]  # keyed by the example, not by the process
-        examples = [training_example(data[i], g, args.keep_range, args.keep_all_prob) for i, g in zip(mine, draws)]
+        examples = [training_example(item, g, k) for item, g, k in zip(items, draws, keeps)]
 
         opt.zero_grad(set_to_none=False)
         loss_sum = torch.zeros(1, device=device)
