@@ -27,7 +27,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from files import DTYPES, check_number, check_writable, image_format, load_image, read_json, resolve_component, resolve_device, write_atomic
-from model import Flux2, KVCache
+from model import QUERIES, Flux2, KVCache, load_checkpoint, reference_attention
 from text_encoder import TextEncoder
 from token_selectors import draw_selection, select_reference_tokens
 from vae import AutoEncoder, pack, unpack
@@ -343,8 +343,9 @@ def loaded(component, folder, dtype, device, lora=None, lora_scale=1.0, lora_mer
         free(module)
 
 
-def select_references(images, keep, selector, task, seed, uniform_mix, budget):
-    """Kept token indices (row-major on each reference's 16-px grid) per reference; None keeps all."""
+def select_references(images, keep, selector, task, seed, uniform_mix, budget, scores=None):
+    """Kept token indices (row-major on each reference's 16-px grid) per reference; None keeps all.
+    selector "attention" takes the model's per-reference scores (attention_scores)."""
     keeps = keep if isinstance(keep, (list, tuple)) else [keep] * len(images)
     if len(keeps) != len(images):
         raise ValueError(f"--keep has {len(keeps)} values for {len(images)} reference images")
@@ -354,7 +355,25 @@ def select_references(images, keep, selector, task, seed, uniform_mix, budget):
         raise ValueError(f"unknown task {task!r}; choose edit or subject")
     if selector == "auto":  # structure for editing, the salient subject for personalization
         selector = "canny" if task == "edit" else "saliency"
-    return select_reference_tokens(images, keeps, selector=selector, seed=seed, uniform_mix=uniform_mix, budget=budget)
+    return select_reference_tokens(images, keeps, selector=selector, seed=seed, uniform_mix=uniform_mix, budget=budget,
+                                   scores=scores)  # fmt: skip
+
+
+def is_sparse(keep, budget):
+    """Tokens are dropped: some keep below 1, or the adaptive budget."""
+    return any(k < 1 for k in (keep if isinstance(keep, (list, tuple)) else [keep])) or budget == "adaptive"
+
+
+def attention_scores(transformer, encoded, txt, h, w, sigma, seed, kv_pattern, queries="target", block=0):
+    """Per-reference (N_i,) scores from the transformer itself (model.reference_attention): every
+    reference token, the first image's noise (seed) at the first step's sigma, its prompt txt (1, L, J).
+    In the KV pattern with queries "references" the scores depend on the references alone."""
+    ref, ref_ids = gather_references(encoded, [None] * len(encoded))
+    x = initial_noise(seed, transformer.cfg.in_channels, h, w, ref.dtype).to(ref.device)
+    t = sigma.reshape(1).to(ref.device, ref.dtype)
+    scores = reference_attention(transformer, x, grid_ids(h, w).to(ref.device), txt, text_ids(txt.shape[1]).to(ref.device), t,
+                                 ref, ref_ids, block=block, queries=queries, kv_pattern=kv_pattern)[0]  # fmt: skip
+    return list(scores.split([tokens.shape[1] for tokens, _ in encoded]))
 
 
 def vae_dtype(module):
@@ -454,15 +473,18 @@ def output_size(images, height, width):
 
 def generate(model, prompt, refs=(), steps=None, guidance=None, seed=0, height=None, width=None, kv_cache=False,
              keep=1.0, selector="auto", task="edit", uniform_mix=0.25, budget="uniform", lora=None, lora_scale=1.0,
-             lora_merge=None, device=None, dtype=None, save_selection=None, selection_seed=0, batch_size=1, progress=True):  # fmt: skip
+             lora_merge=None, device=None, dtype=None, save_selection=None, selection_seed=0, batch_size=1, progress=True,
+             attention_queries="target", attention_block=0):  # fmt: skip
     """Sample images; `model` is a klein repository folder or hub id.
 
     prompt: a prompt or a list of them; seed: a seed or a list; refs: paths or PIL images (a single
     path is one reference). Every (prompt, seed) pair gives one image, prompt-major: (p0, s0),
     (p0, s1), ..., (p1, s0), ... Each distinct prompt is encoded once; the references are prepared,
     VAE-encoded and selected (seeded by selection_seed, the same for every image) once, and with
-    kv_cache their K/V are extracted once for all images. Returns (image, SampleStats) for one
-    prompt and one seed, else ([images], SampleStats).
+    kv_cache their K/V are extracted once for all images. selector "attention" ranks the reference
+    tokens by the transformer's own attention (attention_scores, once, from the first image; the
+    pass is timed as "token scoring"). Returns (image, SampleStats) for one prompt and one seed,
+    else ([images], SampleStats).
     """
     single = isinstance(prompt, str) and isinstance(seed, numbers.Integral)
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
@@ -471,12 +493,17 @@ def generate(model, prompt, refs=(), steps=None, guidance=None, seed=0, height=N
     images = load_references(refs)
     check_sampling(prompts, seeds, len(images), steps, guidance, height, width, keep, uniform_mix, budget, kv_cache,
                    save_selection, lora, lora_scale, batch_size)  # fmt: skip
+    if selector == "attention" and attention_queries not in QUERIES:
+        raise ValueError(f"--attention-queries {attention_queries!r}: choose one of {', '.join(QUERIES)}")
+    check_number("--attention-block", attention_block, 0, integer=True)
     device, dtype = sampling_device(device, dtype)
     folder = resolve_source(model)
     steps, guidance = sampling_defaults(folder, steps, guidance)
     stats = SampleStats()
     timer = Timer(stats, device)
-    kept = stats.kept = select_references(images, keep, selector, task, selection_seed, uniform_mix, budget) if images else []
+    by_model = selector == "attention" and is_sparse(keep, budget)
+    select = lambda scores=None: select_references(images, keep, selector, task, selection_seed, uniform_mix, budget, scores)  # noqa: E731
+    kept = [] if not images else None if by_model else select()  # the attention selector needs the transformer
     h, w = output_size(images, height, width)
 
     with torch.no_grad():
@@ -485,16 +512,21 @@ def generate(model, prompt, refs=(), steps=None, guidance=None, seed=0, height=N
             neg = text.encode([""]) if guidance > 1 else None
         timer.lap("text encoding")
 
-        ref = ref_ids = None
+        encoded = []
         if images:
             with loaded(AutoEncoder, folder, dtype, device) as vae:
-                ref, ref_ids = gather_references(encode_references(vae, images, device, dtype), kept)
-            for image, idx in zip(images, kept):
-                n = (image.size[0] // 16) * (image.size[1] // 16)
-                stats.ref_tokens.append((n, n if idx is None else len(idx)))
+                encoded = encode_references(vae, images, device, dtype)
         timer.lap("reference encoding")
 
         with loaded(Flux2, folder, dtype, device, lora, lora_scale, lora_merge) as transformer:
+            if by_model:
+                sigma = schedule(steps, h * w)[0]
+                kept = select(attention_scores(transformer, encoded, txts[prompts[0]], h, w, sigma, seeds[0], kv_cache,
+                                               attention_queries, attention_block))  # fmt: skip
+                timer.lap("token scoring")
+            ref, ref_ids = gather_references(encoded, kept) if images else (None, None)
+            stats.kept = kept
+            stats.ref_tokens = [(tokens.shape[1], tokens.shape[1] if idx is None else len(idx)) for (tokens, _), idx in zip(encoded, kept)]
             latents = sample_latents(transformer, jobs, txts, h, w, steps, ref, ref_ids, kv_cache, guidance, neg,
                                      batch_size, progress)  # fmt: skip
         timer.lap("denoising")
@@ -531,12 +563,18 @@ def add_common_args(p):
     p.add_argument("--lora-merge", action="store_true",
                    help="merge the LoRA into 16-bit weights too (default: merged only into fp32 weights; bf16/fp16 ones keep "
                         "it unmerged, since a merge rounds updates below half a bf16 step away)")  # fmt: skip
+    p.add_argument("--attention-queries", default=None, choices=QUERIES,
+                   help="the attention selector's queries: target, text, both, or references (with --kv-cache: their mutual "
+                        "attention, the same for every prompt) (default: target)")  # fmt: skip
+    p.add_argument("--attention-block", type=int, default=None,
+                   help="the block whose attention the attention selector reads, 0-based over double then single blocks (default: 0)")
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available, else cpu)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="weights and activations; fp16 is refused (klein overflows it) (default: bf16 on GPU, fp32 on CPU)")
 
 
-def check_common(args, sparse):
-    """Checks of the shared options that need no model; returns (device, dtype). sparse: tokens are dropped."""
+def check_common(args, sparse, attention=False):
+    """Checks of the shared options that need no model weights; returns (device, dtype). sparse: tokens
+    are dropped; attention: the attention selector runs."""
     if not args.ref:
         given = [o for o, v in (("--task", args.task), ("--uniform-mix", args.uniform_mix), ("--budget", args.budget),
                                 ("--selection-seed", args.selection_seed), ("--kv-cache", args.kv_cache)) if v is not None and v is not False]  # fmt: skip
@@ -551,10 +589,16 @@ def check_common(args, sparse):
         raise ValueError(f"{'--lora-scale' if args.lora_scale is not None else '--lora-merge'} cannot apply without --lora")
     if args.selection_seed is not None:
         check_number("--selection-seed", args.selection_seed, 0, 2**63 - 1, integer=True)
+    given = [o for o, v in (("--attention-queries", args.attention_queries), ("--attention-block", args.attention_block)) if v is not None]
+    if given and not (attention and sparse):
+        raise ValueError(f"{', '.join(given)} cannot apply without the attention selector and a keep below 1")
     device, dtype = sampling_device(args.device, args.dtype)
     load_references(args.ref)  # every reference exists, is an image and has a usable size
     folder = resolve_source(args.model)
     is_distilled(folder)
+    if args.attention_block is not None:
+        cfg, _ = load_checkpoint(folder)  # the config, checked; the weights memory-mapped, unread
+        check_number("--attention-block", args.attention_block, 0, cfg.depth + cfg.depth_single - 1, integer=True)
     return device, dtype
 
 

@@ -55,8 +55,9 @@ def parser():
     p.add_argument("--num-images", type=int, default=None, help="images per prompt, seeds --seed, --seed + 1, ... (default: 1)")
     p.add_argument("--keep", type=float, action="extend", nargs="+", default=None,
                    help="fraction of reference tokens kept, in (0, 1]: one value or one per reference (default: 1, dense)")  # fmt: skip
-    p.add_argument("--selector", default=None, choices=["auto", "random", "canny", "saliency"],
-                   help="token selector; auto: canny for edit, saliency for subject (default: auto)")  # fmt: skip
+    p.add_argument("--selector", default=None, choices=["auto", "random", "canny", "saliency", "attention"],
+                   help="token selector; auto: canny for edit, saliency for subject; attention: the transformer's own attention "
+                        "to each reference token, one block of one step (default: auto)")  # fmt: skip
     p.add_argument("--save-selection", default=None, help="also save the references with their kept tokens highlighted (default: none)")
     p.add_argument("--batch-size", type=int, default=1, help="images per transformer and VAE call (default: 1)")
     return p
@@ -93,7 +94,7 @@ def check_args(args):
     paths = output_paths(args.out, args.out_dir, prompts, seeds)
     if args.save_selection is not None and os.path.abspath(args.save_selection) in map(os.path.abspath, paths):
         raise ValueError(f"--save-selection {args.save_selection} is also an output image")
-    device, dtype = check_common(args, sparse=any(k < 1 for k in keep) or args.budget == "adaptive")
+    device, dtype = check_common(args, sparse=any(k < 1 for k in keep) or args.budget == "adaptive", attention=args.selector == "attention")
     return prompts, seeds, paths, device, dtype
 
 
@@ -115,7 +116,8 @@ def main(argv=None):
                                  lora_scale=1.0 if args.lora_scale is None else args.lora_scale,
                                  lora_merge=True if args.lora_merge else None, device=device, dtype=dtype,
                                  save_selection=args.save_selection, selection_seed=args.selection_seed or 0,
-                                 batch_size=args.batch_size)  # fmt: skip
+                                 batch_size=args.batch_size, attention_queries=args.attention_queries or "target",
+                                 attention_block=args.attention_block or 0)  # fmt: skip
         for image, path in zip(images, paths):
             write_atomic(path, image)
     except (OSError, ValueError, RuntimeError, KeyError) as e:

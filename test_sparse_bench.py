@@ -120,6 +120,7 @@ def test_end_to_end_per_image_times_every_run(monkeypatch):
     (["--quick", "--rounds", "-1"], "--rounds"), (["--quick", "--size", "128"], "--size"), (["--rounds", "-1"], "--rounds"),
     (["--memory", "--refs", "2"], "--refs"), (["--memory", "--config", "klein-4b"], "--config"),
     (["--memory", "--per-image"], "--per-image"), (["--memory", "--out-png", "{d}/x.png"], "--out-png"),
+    (["--attention-cost", "--per-image"], "--attention-cost"), (["--attention-cost", "--refs", "2"], "--refs"),
 ])  # fmt: skip
 def test_bad_options(tmp_path, capsys, monkeypatch, args, message):
     """One `error:` line naming the option, a non-zero exit, nothing written, before any model is built."""
@@ -171,3 +172,14 @@ def test_memory_plan_weights_and_cache():
               ref_ids=torch.zeros(20, 4, dtype=torch.long), kv_cache=cache)  # fmt: skip
     held = sum(t.numel() * t.element_size() for kv in cache.kv for t in kv)
     assert kv_cache_bytes(tiny, 20) == held
+
+
+def test_attention_cost_quick_writes_its_section(tmp_path):
+    """--attention-cost --quick: one section, every row measured and next to its FLOP ideal."""
+    md = tmp_path / "B.md"
+    md.write_text("# Sparse Context benchmark\n\n## Another section\n\nkept\n")
+    bench.main(["--attention-cost", "--quick", "--out-md", str(md)])
+    text = md.read_text()
+    assert "## Another section\n\nkept" in text and text.count(bench.ATTENTION_HEADING) == 1
+    rows = [line for line in text.splitlines() if line.startswith("| scoring") or line.startswith("| speedup")]
+    assert len(rows) == 4 and all(float(r.split("|")[3].strip().rstrip("x")) > 0 for r in rows)

@@ -224,3 +224,48 @@ def test_cached_attention_equals_one_attention():
         keys = torch.cat([k, kr.transpose(1, 2).expand(3, -1, -1, -1)], dim=1)
         values = torch.cat([v, vr.transpose(1, 2).expand(3, -1, -1, -1)], dim=1)
         assert_close(model.cached_attention(q, k, v, kr, vr), model.sdpa(q, keys, values))
+
+
+def recorded_qk(ours, monkeypatch, *inputs, **kw):
+    """q, k (B, L, H, D) that every block hands to attention() in a plain forward, in block order."""
+    seen, real = [], model.attention
+    monkeypatch.setattr(model, "attention", lambda q, k, *a: seen.append((q, k)) or real(q, k, *a))
+    with torch.no_grad():
+        ours(*inputs, **kw)
+    monkeypatch.setattr(model, "attention", real)
+    return seen
+
+
+@pytest.mark.parametrize("block,queries,kv", [(0, "target", False), (0, "text", False), (2, "target", False),
+                                              (3, "both", True), (1, "references", True)])  # fmt: skip
+def test_reference_attention_equals_softmax_of_the_block(tiny, monkeypatch, block, queries, kv):
+    """The scores are softmax(q k^T / sqrt(d)) of the same block over every key its queries see, written
+    out here, averaged over heads and queries, at the reference keys; chunked equals unchunked."""
+    _, ours, _ = tiny
+    img, img_ids, txt, txt_ids, t, ref, ref_ids = make_inputs(refs=((3, 4), (2, 3)))
+    ref, ref_ids = torch.cat(ref, 1), torch.cat(ref_ids)
+    q, k = recorded_qk(ours, monkeypatch, img, img_ids, txt, txt_ids, t, ref=ref, ref_ids=ref_ids, kv_pattern=kv)[block]
+    L, N, M = txt.shape[1], img.shape[1], ref.shape[1]
+    rows = {"target": range(L, L + N), "text": range(L), "both": range(L + N), "references": range(L + N, L + N + M)}[queries]
+    keys = list(range(L + N, L + N + M)) if kv and queries == "references" else list(range(L + N + M))
+    want = torch.zeros(2, M)
+    for b in range(2):
+        for h in range(q.shape[2]):
+            for i in rows:
+                p = torch.softmax(torch.stack([q[b, i, h] @ k[b, j, h] for j in keys]) / q.shape[-1] ** 0.5, dim=0)
+                want[b] += p[-M:]
+    want /= q.shape[2] * len(rows)
+    got = model.reference_attention(ours, img, img_ids, txt, txt_ids, t, ref, ref_ids, block=block, queries=queries, kv_pattern=kv)
+    one_row = model.reference_attention(ours, img, img_ids, txt, txt_ids, t, ref, ref_ids, block=block, queries=queries,
+                                        kv_pattern=kv, chunk_bytes=1)  # fmt: skip
+    assert got.shape == (2, M) and (got >= 0).all()
+    assert_close(got, want)
+    assert_close(one_row, got)
+
+
+def test_reference_attention_bad_arguments(tiny):
+    _, ours, _ = tiny
+    img, img_ids, txt, txt_ids, t, ref, ref_ids = make_inputs(refs=((3, 4),))
+    for kw, message in ((dict(block=4), "block 4"), (dict(queries="keys"), "queries")):
+        with pytest.raises(ValueError, match=message):
+            model.reference_attention(ours, img, img_ids, txt, txt_ids, t, ref[0], ref_ids[0], **kw)

@@ -267,6 +267,41 @@ def test_sparse_sampling_equals_diffusers_on_the_same_subset(distilled, kv, sele
     assert np.abs(dense - want).max() > 5  # dropping tokens really changed the image
 
 
+@pytest.mark.parametrize("kv,budget,queries", [(False, "uniform", "target"), (True, "adaptive", "references"), (True, "uniform", "both")])
+def test_attention_selector_equals_its_kept_indices_by_hand(distilled, kv, budget, queries):
+    """--selector attention: the transformer scores every reference token once (its first image's noise
+    at the first sigma), the usual sampling rule draws the kept set from those scores, and the image is
+    diffusers' on exactly that subset, with and without the KV cache, with every budget."""
+    from model import Flux2, reference_attention
+    from token_selectors import select_reference_tokens
+
+    root, pipe = distilled
+    if kv:
+        pipe = Flux2KleinKVPipeline(**pipe.components)
+        pipe.transformer = Flux2Transformer2DModel.from_pretrained(root / "transformer")
+        pipe._set_kv_attn_processors()
+    image, stats = pipeline.generate(str(root), "a red cube", REFS, seed=9, kv_cache=kv, keep=0.3, selector="attention",
+                                     budget=budget, attention_queries=queries, progress=False)  # fmt: skip
+    assert "token scoring" in stats.seconds
+    # the same scores and selection, by hand
+    images = pipeline.load_references(REFS)
+    transformer = Flux2.from_pretrained(str(root))
+    with torch.no_grad():
+        txt, txt_ids = pipe.encode_prompt(prompt="a red cube", device="cpu", max_sequence_length=512)
+        latents = [pipeline.to_tensor(im) for im in images]
+        ref, ref_ids = pipe.prepare_image_latents(images=latents, batch_size=1, generator=None, device="cpu", dtype=torch.float32)
+    h, w = images[0].size[1] // 16, images[0].size[0] // 16
+    x = pipeline.initial_noise(9, transformer.cfg.in_channels, h, w, torch.float32)
+    sigma = pipeline.schedule(4, h * w)[:1]
+    scores = reference_attention(transformer, x, pipeline.grid_ids(h, w), txt, txt_ids[0], sigma, ref, ref_ids[0],
+                                 queries=queries, kv_pattern=kv)[0]  # fmt: skip
+    sizes = [(im.size[0] // 16) * (im.size[1] // 16) for im in images]
+    kept = select_reference_tokens(images, 0.3, "attention", budget=budget, scores=list(scores.split(sizes)))
+    assert all(torch.equal(a, b) for a, b in zip(stats.kept, kept))
+    want = diffusers_loop(pipe, REFS, kept, seed=9, kv=kv)
+    assert np.abs(np.array(image).astype(np.int32) - want).max() <= 1
+
+
 def test_keep_one_is_dense_and_bad_keeps(distilled, tmp_path):
     root, _ = distilled
     dense, _ = pipeline.generate(str(root), "a red cube", REFS, seed=2, progress=False)
@@ -446,6 +481,10 @@ BAD = {  # case: (arguments after --model, substring of the one error line)
     "dtype fp16": (["--dtype", "fp16"], "--dtype fp16"),
     "dtype float16": (["--dtype", "float16"], "--dtype fp16"),
     "lora merge alone": (["--lora-merge"], "--lora-merge cannot apply without --lora"),
+    "attention block without the selector": (["--keep", "0.5", "--attention-block", "1"], "--attention-block cannot apply"),
+    "attention queries without a keep": (["--selector", "attention", "--attention-queries", "text"], "--selector cannot apply with --keep 1"),
+    "attention block too deep": (["--keep", "0.5", "--selector", "attention", "--attention-block", "3"], "--attention-block"),
+    "attention queries unknown": (["--keep", "0.5", "--selector", "attention", "--attention-queries", "keys"], "--attention-queries"),
     "seed negative": (["--seed", "-1"], "--seed"),
     "seeds repeated": (["--seeds", "1", "1"], "repeats"),
     "seeds and seed": (["--seeds", "1", "2", "--seed", "3"], "--seeds cannot be combined"),
