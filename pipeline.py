@@ -9,7 +9,7 @@ once; the references are encoded and selected once, and with a KV cache their K/
 and shared by every prompt, seed and step. The options sample.py and compare.py share are defined and
 checked here too, before any model loads.
 
-May import: files, model, vae, text_encoder, token_selectors, lora. No script (sample.py, compare.py, ...).
+May import: files, quant, model, vae, text_encoder, token_selectors, lora. No script (sample.py, compare.py, ...).
 """
 
 import gc
@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 from files import DTYPES, check_number, check_writable, image_format, load_image, read_json, resolve_component, resolve_device, write_atomic
 from model import Flux2, KVCache
+from quant import FORMATS, check_weights
 from text_encoder import TextEncoder
 from token_selectors import draw_selection, select_reference_tokens
 from vae import AutoEncoder, pack, unpack
@@ -316,10 +317,10 @@ def free(*modules):
 
 
 @contextmanager
-def loaded(component, folder, dtype, device, lora=None, lora_scale=1.0):
-    """component.from_pretrained(folder) for one `with` block, then freed: one component in memory at a
-    time. A LoRA (transformer only) is applied on load."""
-    module = component.from_pretrained(folder, dtype=dtype, device=device)
+def loaded(component, folder, dtype, device, lora=None, lora_scale=1.0, **options):
+    """component.from_pretrained(folder, **options) for one `with` block, then freed: one component in
+    memory at a time. A LoRA (transformer only) is applied on load."""
+    module = component.from_pretrained(folder, dtype=dtype, device=device, **options)
     try:
         if lora:
             from lora import load_lora
@@ -440,7 +441,8 @@ def output_size(images, height, width):
 
 def generate(model, prompt, refs=(), steps=None, guidance=None, seed=0, height=None, width=None, kv_cache=False,
              keep=1.0, selector="auto", task="edit", uniform_mix=0.25, budget="uniform", lora=None, lora_scale=1.0,
-             device=None, dtype=None, save_selection=None, selection_seed=0, batch_size=1, progress=True):  # fmt: skip
+             device=None, dtype=None, save_selection=None, selection_seed=0, batch_size=1, progress=True,
+             weights=None):  # fmt: skip
     """Sample images; `model` is a klein repository folder or hub id.
 
     prompt: a prompt or a list of them; seed: a seed or a list; refs: paths or PIL images (a single
@@ -448,7 +450,8 @@ def generate(model, prompt, refs=(), steps=None, guidance=None, seed=0, height=N
     (p0, s1), ..., (p1, s0), ... Each distinct prompt is encoded once; the references are prepared,
     VAE-encoded and selected (seeded by selection_seed, the same for every image) once, and with
     kv_cache their K/V are extracted once for all images. Returns (image, SampleStats) for one
-    prompt and one seed, else ([images], SampleStats).
+    prompt and one seed, else ([images], SampleStats). weights "fp8" or "int8": the transformer's
+    block Linears in 8 bits (Flux2.from_pretrained), the rest in dtype.
     """
     single = isinstance(prompt, str) and isinstance(seed, numbers.Integral)
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
@@ -457,6 +460,8 @@ def generate(model, prompt, refs=(), steps=None, guidance=None, seed=0, height=N
     images = load_references(refs)
     check_sampling(prompts, seeds, len(images), steps, guidance, height, width, keep, uniform_mix, budget, kv_cache,
                    save_selection, lora, lora_scale, batch_size)  # fmt: skip
+    if weights is not None:
+        check_weights(weights)
     device, dtype = resolve_device(device, dtype)
     folder = resolve_source(model)
     steps, guidance = sampling_defaults(folder, steps, guidance)
@@ -480,7 +485,7 @@ def generate(model, prompt, refs=(), steps=None, guidance=None, seed=0, height=N
                 stats.ref_tokens.append((n, n if idx is None else len(idx)))
         timer.lap("reference encoding")
 
-        with loaded(Flux2, folder, dtype, device, lora, lora_scale) as transformer:
+        with loaded(Flux2, folder, dtype, device, lora, lora_scale, weights=weights) as transformer:
             latents = sample_latents(transformer, jobs, txts, h, w, steps, ref, ref_ids, kv_cache, guidance, neg,
                                      batch_size, progress)  # fmt: skip
         timer.lap("denoising")

@@ -49,6 +49,7 @@ from data import CachedDataset, check_max_area, check_out_dir, encode_manifest, 
 from files import STALE_TEMP, ArgumentParser, check_file, fault_point, field, remove_stale_temps, write_atomic
 from model import Flux2, load_checkpoint
 from pipeline import empirical_mu, grid_ids, text_ids
+from quant import FORMATS
 from token_selectors import n_keep
 from vae import pack
 
@@ -356,7 +357,7 @@ def run_training(args, rank, world, device):
                          f"(the transformer takes {cfg.in_channels} and {cfg.context_dim})")
 
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # bf16 weights, float32 LoRA, autocast
-    model = Flux2.from_pretrained(args.model, dtype=dtype, device=device)
+    model = Flux2.from_pretrained(args.model, dtype=dtype, device=device, weights=args.weights)
     model.requires_grad_(False)
     lora.inject(model, args.targets, args.rank, args.alpha, args.seed)
     model.gradient_checkpointing = args.gradient_checkpointing
@@ -454,6 +455,8 @@ def parse_args(argv=None):
                    help="each reference keeps a fraction ~ U(LO, HI) of its tokens")
     p.add_argument("--keep-all-prob", type=float, default=0.1, help="probability that an example keeps all reference tokens")
     p.add_argument("--kv", action="store_true", help="train in the KV pattern: references at t = 0 attend only to references")
+    p.add_argument("--weights", choices=sorted(FORMATS), default=None,
+                   help="a frozen 8-bit base: the block Linears in fp8 or int8, dequantized per matmul (default: bf16 on GPU)")
     p.add_argument("--gradient-checkpointing", action="store_true", help="recompute block activations in backward: less memory")
     p.add_argument("--save-every", type=int, default=250, help="write checkpoint and LoRA every this many steps")
     p.add_argument("--seed", type=int, default=0, help="seeds the LoRA init, the data order and every per-example draw")
