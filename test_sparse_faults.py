@@ -233,6 +233,7 @@ CASES = [
     ("seed-negative", "train", T + ["--seed", "-1"], None, None),
     ("train-max-area-100", "train", T + ["--max-area", "100"], None, None),
     ("targets-match-nothing", "train", T + ["--targets", "nothing.*"], None, None),
+    ("weights-fp4", "train", T + ["--weights", "fp4"], None, None),
     ("targets-empty", "train", T + ["--targets", ""], None, None),
     ("no-model", "train", T[2:], None, None),
     ("unknown-option", "train", T + ["--bogus"], None, None),
