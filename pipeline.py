@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from files import DTYPES, check_number, check_writable, image_format, load_image, read_json, resolve_component, resolve_device, write_atomic
 from model import Flux2, KVCache
-from quant import FORMATS, check_weights
+from quant import check_weights
 from text_encoder import TextEncoder
 from token_selectors import draw_selection, select_reference_tokens
 from vae import AutoEncoder, pack, unpack

@@ -131,5 +131,4 @@ def to_8bit(model, sd, kind, dtype=None, device=None):
         out[key], out[f"{name}.weight_scale"] = q.to(device), scale.to(device)
         with torch.device("meta"):
             replace_module(model, name, Linear8(m.in_features, m.out_features, kind))
-    cast = lambda v: v.to(device, dtype if dtype is not None and v.is_floating_point() else v.dtype)  # noqa: E731
-    return out | {k: cast(v) for k, v in sd.items()}
+    return out | {k: v.to(device, dtype if dtype is not None and v.is_floating_point() else v.dtype) for k, v in sd.items()}

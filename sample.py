@@ -8,7 +8,7 @@ r"""Sample FLUX.2 [klein] with (sparse) reference images, one image or many: the
 Every option is checked before any model loads; then pipeline.generate() samples every (prompt, seed)
 image, and each is written atomically once all of them exist.
 
-May import: files, pipeline. No other script.
+May import: files, pipeline, quant (the --weights formats). No other script.
 """
 
 import argparse
@@ -16,7 +16,8 @@ import os
 import time
 
 from files import ArgumentParser, check_file, check_number, check_writable, check_writable_folder, fail, image_format, write_atomic
-from pipeline import FORMATS, MAX_IMAGES, add_common_args, check_common, check_sampling, generate, warn_slow_dtype
+from pipeline import MAX_IMAGES, add_common_args, check_common, check_sampling, generate, warn_slow_dtype
+from quant import FORMATS
 
 
 

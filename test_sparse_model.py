@@ -306,6 +306,11 @@ def linears8(model):
     return {n: m for n, m in model.named_modules() if isinstance(m, Linear8)}
 
 
+def bits(t):
+    """t, with fp8 seen as bytes (torch.equal has no fp8 kernel)."""
+    return t.view(torch.uint8) if t.dtype == torch.float8_e4m3fn else t
+
+
 @pytest.mark.parametrize("kind", ["int8", "fp8"])
 def test_8bit_model_is_the_model_of_its_dequantized_weights(tiny, eight_bit, kind):
     """Exactly the block Linears are 8-bit; the model computes what the plain model computes with
@@ -404,7 +409,7 @@ def test_bfl_fp8_file_loads_as_it_is(tiny, tmp_path, per_row):
     assert len(layers) == 8 * TINY["num_layers"] + 2 * TINY["num_single_layers"]
     deq = {}
     for n, m in layers.items():
-        assert torch.equal(m.weight.view(torch.uint8), sd[f"{n}.weight"].view(torch.uint8))
+        assert torch.equal(bits(m.weight), bits(sd[f"{n}.weight"]))
         assert torch.equal(m.weight_scale, sd[f"{n}.weight_scale"].expand(m.out_features))
         deq[f"{n}.weight"] = sd[f"{n}.weight"].float() * sd[f"{n}.weight_scale"].reshape(-1, 1)
     plain_path = tmp_path / "dequantized.safetensors"
@@ -420,3 +425,14 @@ def test_bfl_fp8_file_loads_as_it_is(tiny, tmp_path, per_row):
         Flux2.from_pretrained(str(tmp_path / "bad.safetensors"), weights="fp8")
     with pytest.raises(ValueError, match="--weights 'fp4'"):
         Flux2.from_pretrained(str(tiny[2]), weights="fp4")
+
+
+@pytest.mark.parametrize("kind", ["int8", "fp8"])
+def test_8bit_from_a_bfl_single_file_equals_from_a_diffusers_folder(tiny, eight_bit, tmp_path, kind):
+    """Quantizing on load gives the same tensors from a BFL bf16/fp32 single file as from the diffusers folder."""
+    _, ours, _ = tiny
+    path = tmp_path / "flux-2-klein-tiny.safetensors"
+    save_file(bfl_from_diffusers_via_ours(ours), str(path))
+    got, want = Flux2.from_pretrained(str(path), weights=kind).state_dict(), eight_bit[0][(kind, torch.float32)].state_dict()
+    assert sorted(got) == sorted(want)
+    assert all(torch.equal(bits(v), bits(want[k])) for k, v in got.items())
