@@ -246,6 +246,7 @@ CASES = [
     ("resume-steps-below", "train", TR + ["--steps", "2"], run_with(lambda p: None), None),
     ("resume-steps-equal-finished", "train", TR, run_with(lambda p: None), None),
     ("resume-other-rank", "train", TR + ["--rank", "4"], run_with(lambda p: None), None),
+    ("resume-other-weights", "train", TR + ["--weights", "int8"], run_with(lambda p: None), None),
     # train.py: checkpoint.pt
     ("checkpoint-truncated", "train", TR + ["--steps", "6"], run_with(lambda p: p.write_bytes(p.read_bytes()[:300])), None),
     ("checkpoint-empty", "train", TR + ["--steps", "6"], run_with(lambda p: p.write_bytes(b"")), None),

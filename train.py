@@ -59,6 +59,7 @@ MAX_OPTIMIZER_STEPS = 10**8  # bounds --steps, --warmup and --save-every
 # what defines a run: --resume refuses to change these (the number of processes may change)
 RUN = (
     "rank", "alpha", "targets", "lr", "weight_decay", "warmup", "max_grad_norm", "keep_range", "keep_all_prob", "kv", "seed",
+    "weights",
 )  # fmt: skip
 
 
