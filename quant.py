@@ -10,10 +10,11 @@ BFL's fp8 single files (FLUX.2-klein-4b-fp8/flux-2-klein-4b-fp8.safetensors, 4.0
   - the names of BFL's bf16 single files (optionally prefixed `model.diffusion_model.`);
   - every Linear of the double and single blocks (img/txt_attn.qkv and .proj, img/txt_mlp.0 and .2,
     linear1, linear2: 80 in klein-4B) has `weight` in float8_e4m3fn (out, in), a float32
-    `weight_scale` and a float32 `input_scale`; everything else is bf16 (ComfyUI's scaled-fp8 layout,
-    sgl-project/sglang#38514; the fp8 layers listed in shootthesound/comfyUI-Realtime-Lora#44).
-    That is 149 + 2 x 80 = 309 tensors, the count a public MLX conversion of the 4B file reports, and
-    3.68B fp8 + 0.20B bf16 parameters = 4.08 GB, the file's size.
+    `weight_scale` and a float32 `input_scale`; everything else is bf16 (ComfyUI's scaled-fp8 layout:
+    sgl-project/sglang#38514, whose "split to_q/to_k/to_v" are the names after its own conversion;
+    the fp8 layers qkv, proj, linear1, linear2, img_mlp, txt_mlp: shootthesound/comfyUI-Realtime-Lora#44).
+    That is 149 + 2 x 80 = 309 tensors, the count a public MLX conversion of the 4B file reports (split
+    q, k, v would make 369), and 3.68B fp8 + 0.20B bf16 parameters = 4.07 GB, the file's size.
   - W = weight * weight_scale (ComfyUI QUANTIZATION.md; leejet/stable-diffusion.cpp#1898). ComfyUI
     writes one 0-d scale per tensor; diffusers 0.42.1 reads BFL's `fp8r` checkpoints with one scale
     per row, shape (out,) (diffusers/quantizers/bfl, BFLQuantizationConfig). Which one the klein
