@@ -11,7 +11,7 @@ run (bench.py checks this on a small config).
 
 Not counted: kernel workspaces (cuBLAS, a few MB), the CUDA context (~0.5 GB), allocator fragmentation.
 
-May import: model, lora, pipeline, token_selectors.
+May import: model, lora, pipeline, quant, token_selectors.
 """
 
 import weakref
@@ -24,6 +24,7 @@ from torch.utils._pytree import tree_leaves
 
 import lora
 from model import Flux2, KVCache
+from quant import BLOCKS
 from pipeline import grid_ids, text_ids
 from token_selectors import n_keep
 
@@ -148,11 +149,11 @@ def activation_peak(cfg, n_txt, n_img, n_ref, train=False, kv=False, checkpointi
 
 
 def weight_bytes(cfg, bits=16, rank=0):
-    """Bytes of the transformer's weights: 16-bit, or 8-bit Linear weights with one float32 scale per
-    output channel (norm scales stay 16-bit); a LoRA's float32 factors, gradients and AdamW moments."""
+    """Bytes of the transformer's weights: 16-bit, or quant.py's 8 bits (the blocks' Linear weights, one
+    float32 scale per output row; the rest 16-bit); a LoRA's float32 factors, gradients and AdamW moments."""
     with torch.device("meta"):
         model = Flux2(cfg)
-    linear = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    linear = [m.weight for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n.startswith(BLOCKS)]
     total = sum(p.numel() for p in model.parameters())
     n_linear = sum(w.numel() for w in linear)
     base = 2 * total if bits == 16 else n_linear + 4 * sum(w.shape[0] for w in linear) + 2 * (total - n_linear)
@@ -176,7 +177,7 @@ def plan_rows(configs, sides=(512, 1024), refs=(1, 6), keeps=(1.0, 0.1), n_txt=5
         lora16 = (weight_bytes(cfg, 16, rank) - weight_bytes(cfg, 16)) / GB
         # an 8-bit Linear dequantizes one weight at a time: the largest one, in bf16, on top
         with torch.device("meta"):
-            largest = max(m.weight.numel() for m in Flux2(cfg).modules() if isinstance(m, torch.nn.Linear)) * 2 / GB
+            largest = max(m.weight.numel() for n, m in Flux2(cfg).named_modules() if isinstance(m, torch.nn.Linear) and n.startswith(BLOCKS)) * 2 / GB
         for side in sides:
             n_img = (side // 16) ** 2
             for n_refs in refs:
@@ -205,8 +206,9 @@ def memory_section(rows, check, command, n_txt=512):
            f"- command: `{command}`; computed on the meta device (memory_plan.py): weights, the KV cache of the kept "
            f"reference tokens (bf16) and the activation peak of one step, batch 1, {n_txt} text tokens, bf16 activations, "
            "FlashAttention's memory (no L x L scores). Training: a rank-16 float32 LoRA (weights, gradients, AdamW "
-           "moments) over frozen weights, one forward and backward. 8-bit: one byte per Linear weight and a float32 "
-           "scale per output channel, plus the largest Linear dequantized to bf16 during its matmul.",
+           "moments) over frozen weights, one forward and backward. 8-bit (`--weights fp8|int8`): one byte per block "
+           "Linear weight and a float32 scale per output row, the rest bf16, plus the largest Linear dequantized to bf16 "
+           "during its matmul.",
            f"- checked against the profiler's measured peak of the same step run on this CPU ({check}).",
            "- the smallest card (16/24/40/80 GB, 5% kept free) that holds weights + cache + activations; the CUDA "
            "context and kernel workspaces (~0.5-1 GB) come on top.", "",

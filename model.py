@@ -11,7 +11,7 @@ Two ways references can attend (see `attention`):
 
 Parameter names follow BFL's single-file checkpoints; diffusers folders are converted on load.
 
-May import: files (checkpoint reading). Nothing else of this project.
+May import: files (checkpoint reading), quant (8-bit weights). Nothing else of this project.
 """
 
 import math
@@ -23,6 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from files import check_file, diffusers_weight_files, field, load_into, read_json, read_safetensors, resolve_component
+from quant import to_8bit
 
 
 @dataclass
@@ -423,11 +424,17 @@ class Flux2(nn.Module):
         return block(*args)
 
     @classmethod
-    def from_pretrained(cls, source, dtype=None, device=None):
-        """Load a diffusers transformer/ folder, a repository folder, a BFL single file or a hub id."""
+    def from_pretrained(cls, source, dtype=None, device=None, weights=None):
+        """Load a diffusers transformer/ folder, a repository folder, a BFL single file or a hub id.
+
+        weights "fp8" or "int8": the blocks' Linears in 8 bits (quant.Linear8), the rest in dtype; a BFL
+        fp8 file (flux-2-klein-4b-fp8.safetensors) loads as it is, with weights="fp8".
+        """
         cfg, sd = load_checkpoint(source)
         with torch.device("meta"):
             model = cls(cfg)
+        if weights is not None or any(k.endswith(".weight_scale") for k in sd):
+            sd, dtype = to_8bit(model, sd, weights, dtype, device), None  # every tensor final, on device
         load_into(model, sd, dtype, device)
         return model.eval()
 

@@ -9,7 +9,7 @@ once; the references are encoded and selected once, and with a KV cache their K/
 and shared by every prompt, seed and step. The options sample.py and compare.py share are defined and
 checked here too, before any model loads.
 
-May import: files, model, vae, text_encoder, token_selectors, lora. No script (sample.py, compare.py, ...).
+May import: files, quant, model, vae, text_encoder, token_selectors, lora. No script (sample.py, compare.py, ...).
 """
 
 import gc
@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 from files import DTYPES, check_number, check_writable, image_format, load_image, read_json, resolve_component, resolve_device, write_atomic
 from model import QUERIES, Flux2, KVCache, load_checkpoint, reference_attention
+from quant import check_weights
 from text_encoder import TextEncoder
 from token_selectors import draw_selection, select_reference_tokens
 from vae import AutoEncoder, pack, unpack
@@ -326,12 +327,13 @@ def free(*modules):
 
 
 @contextmanager
-def loaded(component, folder, dtype, device, lora=None, lora_scale=1.0, lora_merge=None):
-    """component.from_pretrained(folder) for one `with` block, then freed: one component in memory at a
-    time. A LoRA (transformer only) is applied on load: merged into fp32 weights; kept unmerged beside
-    16-bit ones (a float32 LoRA path, as training ran it and as diffusers' load_lora_weights keeps it),
-    since a merge rounds every update below half a bf16 step of its weight away; lora_merge forces either."""
-    module = component.from_pretrained(folder, dtype=dtype, device=device)
+def loaded(component, folder, dtype, device, lora=None, lora_scale=1.0, lora_merge=None, **options):
+    """component.from_pretrained(folder, **options) for one `with` block, then freed: one component in
+    memory at a time. A LoRA (transformer only) is applied on load: merged into fp32 weights; kept
+    unmerged beside 16-bit ones (a float32 LoRA path, as training ran it and as diffusers'
+    load_lora_weights keeps it), since a merge rounds every update below half a bf16 step of its weight
+    away; lora_merge forces either. 8-bit layers always keep it unmerged."""
+    module = component.from_pretrained(folder, dtype=dtype, device=device, **options)
     try:
         if lora:
             from lora import load_lora
@@ -474,7 +476,7 @@ def output_size(images, height, width):
 def generate(model, prompt, refs=(), steps=None, guidance=None, seed=0, height=None, width=None, kv_cache=False,
              keep=1.0, selector="auto", task="edit", uniform_mix=0.25, budget="uniform", lora=None, lora_scale=1.0,
              lora_merge=None, device=None, dtype=None, save_selection=None, selection_seed=0, batch_size=1, progress=True,
-             attention_queries="target", attention_block=0):  # fmt: skip
+             attention_queries="target", attention_block=0, weights=None):  # fmt: skip
     """Sample images; `model` is a klein repository folder or hub id.
 
     prompt: a prompt or a list of them; seed: a seed or a list; refs: paths or PIL images (a single
@@ -483,8 +485,9 @@ def generate(model, prompt, refs=(), steps=None, guidance=None, seed=0, height=N
     VAE-encoded and selected (seeded by selection_seed, the same for every image) once, and with
     kv_cache their K/V are extracted once for all images. selector "attention" ranks the reference
     tokens by the transformer's own attention (attention_scores, once, from the first image; the
-    pass is timed as "token scoring"). Returns (image, SampleStats) for one prompt and one seed,
-    else ([images], SampleStats).
+    pass is timed as "token scoring"). weights "fp8" or "int8": the transformer's block Linears in
+    8 bits (Flux2.from_pretrained), the rest in dtype. Returns (image, SampleStats) for one prompt
+    and one seed, else ([images], SampleStats).
     """
     single = isinstance(prompt, str) and isinstance(seed, numbers.Integral)
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
@@ -496,6 +499,8 @@ def generate(model, prompt, refs=(), steps=None, guidance=None, seed=0, height=N
     if selector == "attention" and attention_queries not in QUERIES:
         raise ValueError(f"--attention-queries {attention_queries!r}: choose one of {', '.join(QUERIES)}")
     check_number("--attention-block", attention_block, 0, integer=True)
+    if weights is not None:
+        check_weights(weights)
     device, dtype = sampling_device(device, dtype)
     folder = resolve_source(model)
     steps, guidance = sampling_defaults(folder, steps, guidance)
@@ -518,7 +523,7 @@ def generate(model, prompt, refs=(), steps=None, guidance=None, seed=0, height=N
                 encoded = encode_references(vae, images, device, dtype)
         timer.lap("reference encoding")
 
-        with loaded(Flux2, folder, dtype, device, lora, lora_scale, lora_merge) as transformer:
+        with loaded(Flux2, folder, dtype, device, lora, lora_scale, lora_merge, weights=weights) as transformer:
             if by_model:
                 sigma = schedule(steps, h * w)[0]
                 kept = select(attention_scores(transformer, encoded, txts[prompts[0]], h, w, sigma, seeds[0], kv_cache,

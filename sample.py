@@ -8,7 +8,7 @@ r"""Sample FLUX.2 [klein] with (sparse) reference images, one image or many: the
 Every option is checked before any model loads; then pipeline.generate() samples every (prompt, seed)
 image, and each is written atomically once all of them exist.
 
-May import: files, pipeline. No other script.
+May import: files, pipeline, quant (the --weights formats). No other script.
 """
 
 import argparse
@@ -17,6 +17,7 @@ import time
 
 from files import ArgumentParser, check_file, check_number, check_writable, check_writable_folder, fail, image_format, write_atomic
 from pipeline import MAX_IMAGES, add_common_args, check_common, check_sampling, generate, warn_slow_dtype
+from quant import FORMATS
 
 
 
@@ -60,6 +61,8 @@ def parser():
                         "to each reference token, one block of one step (default: auto)")  # fmt: skip
     p.add_argument("--save-selection", default=None, help="also save the references with their kept tokens highlighted (default: none)")
     p.add_argument("--batch-size", type=int, default=1, help="images per transformer and VAE call (default: 1)")
+    p.add_argument("--weights", choices=sorted(FORMATS), default=None,
+                   help="the transformer's block Linears in 8 bits, dequantized per matmul; fp8 loads BFL's fp8 files (default: --dtype)")  # fmt: skip
     return p
 
 
@@ -117,7 +120,7 @@ def main(argv=None):
                                  lora_merge=True if args.lora_merge else None, device=device, dtype=dtype,
                                  save_selection=args.save_selection, selection_seed=args.selection_seed or 0,
                                  batch_size=args.batch_size, attention_queries=args.attention_queries or "target",
-                                 attention_block=args.attention_block or 0)  # fmt: skip
+                                 attention_block=args.attention_block or 0, weights=args.weights)  # fmt: skip
         for image, path in zip(images, paths):
             write_atomic(path, image)
     except (OSError, ValueError, RuntimeError, KeyError) as e:

@@ -233,6 +233,7 @@ CASES = [
     ("seed-negative", "train", T + ["--seed", "-1"], None, None),
     ("train-max-area-100", "train", T + ["--max-area", "100"], None, None),
     ("targets-match-nothing", "train", T + ["--targets", "nothing.*"], None, None),
+    ("weights-fp4", "train", T + ["--weights", "fp4"], None, None),
     ("targets-empty", "train", T + ["--targets", ""], None, None),
     ("no-model", "train", T[2:], None, None),
     ("unknown-option", "train", T + ["--bogus"], None, None),
@@ -244,6 +245,7 @@ CASES = [
     ("run-exists-no-resume", "train", TR[:-1], run_with(lambda p: None), None),
     ("resume-steps-below", "train", TR + ["--steps", "2"], run_with(lambda p: None), None),
     ("resume-other-rank", "train", TR + ["--rank", "4"], run_with(lambda p: None), None),
+    ("resume-other-weights", "train", TR + ["--weights", "int8"], run_with(lambda p: None), None),
     # train.py: checkpoint.pt
     ("checkpoint-truncated", "train", TR + ["--steps", "6"], run_with(lambda p: p.write_bytes(p.read_bytes()[:300])), None),
     ("checkpoint-empty", "train", TR + ["--steps", "6"], run_with(lambda p: p.write_bytes(b"")), None),

@@ -130,6 +130,23 @@ def test_cli_writes_image_and_reports(distilled, tmp_path):
     assert np.abs(got - ours_image(root, REFS[:1], seed=3)).max() == 0
 
 
+def test_cli_weights_loads_an_8bit_transformer(distilled, tmp_path, monkeypatch):
+    """sample.py --weights int8: generate() loads the transformer with 8-bit block Linears and writes
+    the image (how close it is to the 16-bit one: test_sparse_model's 8-bit tests)."""
+    from model import Flux2
+    from quant import Linear8
+
+    root, _ = distilled
+    models = []
+    load = Flux2.from_pretrained.__func__
+    monkeypatch.setattr(Flux2, "from_pretrained", classmethod(lambda cls, *a, **k: models.append(load(cls, *a, **k)) or models[-1]))
+    REFS[0].save(tmp_path / "ref.png")
+    sample.main(["--model", str(root), "--prompt", "a red cube", "--ref", str(tmp_path / "ref.png"), "--out",
+                 str(tmp_path / "out.png"), "--weights", "int8"])  # fmt: skip
+    assert len(models) == 1 and any(isinstance(m, Linear8) for m in models[0].modules())
+    assert Image.open(tmp_path / "out.png").size == (80, 64)  # the reference's 80 x 70, cropped to 16 px
+
+
 @pytest.mark.parametrize("case", ["missing_ref", "bad_ref", "bad_model", "bad_size", "bad_out"])
 def test_cli_bad_input(distilled, tmp_path, case):
     root, _ = distilled
@@ -491,6 +508,7 @@ BAD = {  # case: (arguments after --model, substring of the one error line)
     "num images 0": (["--num-images", "0"], "--num-images"),
     "too many images": (["--num-images", "100000"], "--num-images"),
     "batch size 0": (["--batch-size", "0"], "--batch-size"),
+    "weights fp4": (["--weights", "fp4"], "--weights"),
     "selection seed negative": (["--keep", "0.5", "--selection-seed", "-1"], "--selection-seed"),
     "out unknown format": (["--out", "{d}/o.xyz"], "unknown image format"),
     "out is a folder": (["--out", "{d}/dir.png"], "is a folder"),

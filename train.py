@@ -59,6 +59,7 @@ from data import CachedDataset, check_max_area, check_out_dir, encode_manifest, 
 from files import STALE_TEMP, ArgumentParser, check_file, fault_point, field, remove_stale_temps, write_atomic
 from model import Flux2, load_checkpoint
 from pipeline import empirical_mu, grid_ids, text_ids
+from quant import FORMATS
 from token_selectors import n_keep
 from vae import pack
 
@@ -69,6 +70,7 @@ DIST_TIMEOUT_MINUTES = 240  # caching a large manifest on process 0 takes hours;
 # what defines a run: --resume refuses to change these (the number of processes may change)
 RUN = (
     "rank", "alpha", "targets", "lr", "weight_decay", "warmup", "max_grad_norm", "keep_range", "keep_all_prob", "kv", "seed",
+    "weights",
 )  # fmt: skip
 
 
@@ -386,7 +388,7 @@ def run_training(args, rank, world, device):
                          f"(the transformer takes {cfg.in_channels} and {cfg.context_dim})")
 
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # bf16 weights, float32 LoRA, autocast
-    model = Flux2.from_pretrained(args.model, dtype=dtype, device=device)
+    model = Flux2.from_pretrained(args.model, dtype=dtype, device=device, weights=args.weights)
     model.requires_grad_(False)
     lora.inject(model, args.targets, args.rank, args.alpha, args.seed)
     model.gradient_checkpointing = args.gradient_checkpointing
@@ -487,6 +489,8 @@ def parse_args(argv=None):
                    help="each reference keeps a fraction ~ U(LO, HI) of its tokens")
     p.add_argument("--keep-all-prob", type=float, default=0.1, help="probability that an example keeps all reference tokens")
     p.add_argument("--kv", action="store_true", help="train in the KV pattern: references at t = 0 attend only to references")
+    p.add_argument("--weights", choices=sorted(FORMATS), default=None,
+                   help="a frozen 8-bit base: the block Linears in fp8 or int8, dequantized per matmul (default: bf16 on GPU)")
     p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=True,
                    help="recompute each block's activations in backward: memory for one block's activations, not all "
                         "(a dense step with six 1024 px references needs it on a 24-80 GB card)")  # fmt: skip
