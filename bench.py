@@ -445,16 +445,21 @@ def diffusers_kv_loop(twin, x, x_ids, txt, txt_ids, ref, ref_ids, sigmas):
     return x
 
 
+def per_image_references(cfg, side, device, dtype):
+    """(generator, rand, references): PER_IMAGE_REFS random references of side x side tokens, reference
+    k at t = 10 (k + 1), drawn from a seeded generator that rand(*shape) goes on drawing from."""
+    g = torch.Generator().manual_seed(0)
+    rand = lambda *shape: torch.randn(*shape, generator=g).to(device, dtype)  # noqa: E731
+    return g, rand, [(rand(1, side * side, cfg.in_channels), grid_ids(side, side, t=10 * (k + 1)).to(device)) for k in range(PER_IMAGE_REFS)]
+
+
 @torch.no_grad()
 def bench_per_image(model, twin, args, device, dtype, log):
     """Seconds per image for N = 1, 4, 16 on the bench model: ours dense and keep 0.1 + KV (one batch of
     N, the references' K/V extracted once) against diffusers' KV pipeline loop (references repeated per
     image), and the floor: the cached steps alone."""
-    cfg, side = model.cfg, args.size // 16
-    n_img, n_txt = side * side, args.text_tokens
-    g = torch.Generator().manual_seed(0)
-    rand = lambda *shape: torch.randn(*shape, generator=g).to(device, dtype)
-    refs = [(rand(1, n_img, cfg.in_channels), grid_ids(side, side, t=10 * (k + 1)).to(device)) for k in range(PER_IMAGE_REFS)]
+    cfg, side, n_img, n_txt = model.cfg, args.size // 16, (args.size // 16) ** 2, args.text_tokens
+    g, rand, refs = per_image_references(cfg, side, device, dtype)
     ref, ref_ids = gather_references(refs, [None] * PER_IMAGE_REFS)
     kept = [torch.randperm(n_img, generator=g)[: n_keep(PER_IMAGE_KEEP, n_img)].sort().values for _ in refs]
     sparse, sparse_ids = gather_references(refs, kept)
@@ -608,11 +613,8 @@ def bench_attention(model, args, device, dtype, log):
     """At PER_IMAGE_REFS references and keep PER_IMAGE_KEEP: the scoring pass (block 0, target
     queries) alone, and the 4-step loop end to end with the pass and the selection included, without
     and with the KV cache, against the dense loop; each next to its FLOP ideal."""
-    cfg, side = model.cfg, args.size // 16
-    n_img, n_txt = side * side, args.text_tokens
-    g = torch.Generator().manual_seed(0)
-    rand = lambda *shape: torch.randn(*shape, generator=g).to(device, dtype)
-    refs = [(rand(1, n_img, cfg.in_channels), grid_ids(side, side, t=10 * (k + 1)).to(device)) for k in range(PER_IMAGE_REFS)]
+    cfg, side, n_img, n_txt = model.cfg, args.size // 16, (args.size // 16) ** 2, args.text_tokens
+    g, rand, refs = per_image_references(cfg, side, device, dtype)
     ref, ref_ids = gather_references(refs, [None] * PER_IMAGE_REFS)
     img, img_ids, txt, txt_ids = rand(1, n_img, cfg.in_channels), grid_ids(side, side).to(device), rand(1, n_txt, cfg.context_dim), text_ids(n_txt).to(device)
     sigmas = schedule(STEPS, n_img).to(device)
