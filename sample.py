@@ -16,7 +16,7 @@ import os
 import time
 
 from files import ArgumentParser, check_file, check_number, check_writable, check_writable_folder, fail, image_format, write_atomic
-from pipeline import MAX_IMAGES, add_common_args, check_common, check_sampling, generate, warn_slow_dtype
+from pipeline import COMPILE_BUCKET, MAX_IMAGES, add_common_args, check_common, check_sampling, generate, warn_slow_dtype
 
 
 
@@ -59,6 +59,8 @@ def parser():
                    help="token selector; auto: canny for edit, saliency for subject (default: auto)")  # fmt: skip
     p.add_argument("--save-selection", default=None, help="also save the references with their kept tokens highlighted (default: none)")
     p.add_argument("--batch-size", type=int, default=1, help="images per transformer and VAE call (default: 1)")
+    p.add_argument("--compile", action="store_true",
+                   help=f"torch.compile the transformer (fullgraph); kept counts round up to a multiple of {COMPILE_BUCKET} tokens (default: off)")  # fmt: skip
     return p
 
 
@@ -114,7 +116,7 @@ def main(argv=None):
                                  budget=args.budget or "uniform", lora=args.lora,
                                  lora_scale=1.0 if args.lora_scale is None else args.lora_scale, device=device, dtype=dtype,
                                  save_selection=args.save_selection, selection_seed=args.selection_seed or 0,
-                                 batch_size=args.batch_size)  # fmt: skip
+                                 batch_size=args.batch_size, compile=args.compile)  # fmt: skip
         for image, path in zip(images, paths):
             write_atomic(path, image)
     except (OSError, ValueError, RuntimeError, KeyError) as e:
