@@ -26,15 +26,17 @@ import shlex
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from files import DTYPES, ArgumentParser, check_number, check_writable, resolve_device, write_atomic
-from model import Flux2, Flux2Config, KVCache
+from memory_plan import activation_peak, memory_section, plan_rows
+from model import Flux2, Flux2Config, KVCache, reference_attention
 from pipeline import (denoise, gather_references, generate, grid_ids, initial_noise, sample_latents, schedule,
                       synchronize, text_ids)  # fmt: skip
-from token_selectors import n_keep
+from token_selectors import n_keep, select_tokens
 
 REFS = (1, 2, 4, 6)
 KEEPS = (1.0, 0.25, 0.1, 0.05)
@@ -570,17 +572,114 @@ def per_image_section(rows, err, e2e, args, cfg, device, dtype, command, seconds
 
 
 def replace_section(path, section):
-    """path's text with the per-image section replaced (or appended); the rest is kept as it is."""
+    """path's text with the section of the same heading (its first line) replaced, or appended; the rest
+    is kept as it is."""
     try:
         with open(path, encoding="utf-8") as f:
             text = f.read()
     except FileNotFoundError:
         text = "# Sparse Context benchmark\n"
-    start = text.find(PER_IMAGE_HEADING)
+    start = text.find(section.split("\n", 1)[0])
     if start >= 0:
         end = text.find("\n## ", start + 1)
         text = text[:start] + (text[end + 1 :] if end >= 0 else "")
     return text.rstrip("\n") + "\n\n" + section
+
+
+# ----------------------------------------------------------------------------------------------
+# The attention selector: what its scoring pass costs
+
+
+ATTENTION_HEADING = "## The attention selector: cost of its scoring pass"
+
+
+def scoring_flops(cfg, n_txt, n_img, n_ref, block=0, n_queries=None):
+    """FLOPs of model.reference_attention: the blocks before `block` with every reference token, then
+    the block's projections (qkv; a single block's linear1) and the scores QK^T of n_queries (default:
+    the target's) against every key. Embedding and per-sample vectors as one full forward."""
+    D, L = cfg.hidden_size, n_txt + n_img + n_ref
+    outside = forward_flops(replace(cfg, depth=0, depth_single=0), n_txt, n_img, n_ref, "full")
+    per_block = (forward_flops(cfg, n_txt, n_img, n_ref, "full") - outside) / (cfg.depth + cfg.depth_single)
+    projection = 3 * D if block < cfg.depth else 3 * D + 2 * cfg.mlp_hidden  # a single block's fused linear1
+    return outside + block * per_block + 2 * L * projection * D + 2 * (n_queries or n_img) * L * D
+
+
+def bench_attention(model, args, device, dtype, log):
+    """At PER_IMAGE_REFS references and keep PER_IMAGE_KEEP: the scoring pass (block 0, target
+    queries) alone, and the 4-step loop end to end with the pass and the selection included, without
+    and with the KV cache, against the dense loop; each next to its FLOP ideal."""
+    cfg, side = model.cfg, args.size // 16
+    n_img, n_txt = side * side, args.text_tokens
+    g = torch.Generator().manual_seed(0)
+    rand = lambda *shape: torch.randn(*shape, generator=g).to(device, dtype)
+    refs = [(rand(1, n_img, cfg.in_channels), grid_ids(side, side, t=10 * (k + 1)).to(device)) for k in range(PER_IMAGE_REFS)]
+    ref, ref_ids = gather_references(refs, [None] * PER_IMAGE_REFS)
+    img, img_ids, txt, txt_ids = rand(1, n_img, cfg.in_channels), grid_ids(side, side).to(device), rand(1, n_txt, cfg.context_dim), text_ids(n_txt).to(device)
+    sigmas = schedule(STEPS, n_img).to(device)
+    score = functools.partial(reference_attention, model, img, img_ids, txt, txt_ids, sigmas[:1], ref, ref_ids)
+
+    def sparse_loop(kv):
+        scores = score(kv_pattern=kv)[0].split(n_img)
+        kept = [select_tokens(s, PER_IMAGE_KEEP, seed=k) for k, s in enumerate(scores)]
+        return denoise(model, img, img_ids, txt, txt_ids, sigmas, *gather_references(refs, kept), kv_cache=KVCache() if kv else None)
+
+    jobs = {"score": score, "dense": functools.partial(denoise, model, img, img_ids, txt, txt_ids, sigmas, ref, ref_ids),
+            "sparse": functools.partial(sparse_loop, False), "sparse_kv": functools.partial(sparse_loop, True)}  # fmt: skip
+    for fn in jobs.values():  # warm-up, untimed
+        fn()
+    best = best_of_rounds(jobs, args.rounds, device, log, "attention selector")
+    n_ref, dense_ref = PER_IMAGE_REFS * n_keep(PER_IMAGE_KEEP, n_img), PER_IMAGE_REFS * n_img
+    f_score, f_dense = scoring_flops(cfg, n_txt, n_img, dense_ref), loop_flops(cfg, n_txt, n_img, dense_ref, kv=False)
+    return dict(score_s=best["score"], dense_s=best["dense"], step_s=best["dense"] / STEPS,
+                score_of_step=best["score"] / (best["dense"] / STEPS), score_of_step_ideal=f_score / (f_dense / STEPS),
+                **{f"{k}_speedup": best["dense"] / best[k] for k in ("sparse", "sparse_kv")},
+                **{f"{k}_ideal": f_dense / (f_score + loop_flops(cfg, n_txt, n_img, n_ref, kv)) for k, kv in (("sparse", False), ("sparse_kv", True))})  # fmt: skip
+
+
+def attention_section(r, args, cfg, device, dtype, command):
+    return "\n".join([
+        ATTENTION_HEADING, "",
+        f"- command: `{command}`; {machine(device)}, torch {torch.__version__}, {dtype}; bench config (hidden {cfg.hidden_size}, "
+        f"{cfg.depth} double + {cfg.depth_single} single blocks), {args.size} px, {PER_IMAGE_REFS} references, keep {PER_IMAGE_KEEP:g}, "
+        f"{STEPS} steps, {args.rounds} round(s) after a warm-up, minimum of each.",
+        "- the pass: model.reference_attention at block 0 with the target's queries, every reference token, the first "
+        "step's sigma; end to end: the pass, the selection (select_tokens on its scores) and the sampling loop of the kept tokens, "
+        "against the dense loop (every reference token, no cache). Ideal: FLOPs (bench.scoring_flops, loop_flops).", "",
+        "| what | measured | FLOP ideal |", "|---|---|---|",
+        f"| scoring pass / one dense step | {r['score_of_step']:.3f} ({1e3 * r['score_s']:.0f} ms / {1e3 * r['step_s']:.0f} ms) | {r['score_of_step_ideal']:.3f} |",
+        f"| scoring pass / dense {STEPS}-step run | {r['score_of_step'] / STEPS:.3f} | {r['score_of_step_ideal'] / STEPS:.3f} |",
+        f"| speedup end to end, pass included, no cache | {r['sparse_speedup']:.2f}x | {r['sparse_ideal']:.2f}x |",
+        f"| speedup end to end, pass included, KV cache | {r['sparse_kv_speedup']:.2f}x | {r['sparse_kv_ideal']:.2f}x |",
+    ]) + "\n"  # fmt: skip
+
+
+# ----------------------------------------------------------------------------------------------
+# Memory plan
+
+
+def memory_check(cfg, n_txt, n_img, n_ref, rank=4):
+    """(planned, measured) peak bytes of a sampling step with the KV cache and a training step with and
+    without checkpointing, planned on the meta device and measured by the profiler on this CPU (fp32)."""
+    cases = dict(sample_kv=dict(kv=True), train=dict(train=True), train_ckpt=dict(train=True, checkpointing=True))
+    out = {}
+    for name, kw in cases.items():
+        planned = activation_peak(cfg, n_txt, n_img, n_ref, rank=rank, dtype=torch.float32, **kw)
+        measured = peak_bytes(activation_peak(cfg, n_txt, n_img, n_ref, rank=rank, device="cpu", dtype=torch.float32, **kw),
+                              torch.device("cpu"))  # fmt: skip
+        out[name] = planned, measured
+    return out
+
+
+def memory_report(quick, command, log):
+    """The memory plan section: klein-4B and klein-9B (a tiny config with --quick), and its CPU check."""
+    small = bench_config(quick=True)
+    check = memory_check(small, 16, 64, 96) if quick else memory_check(bench_config(), 64, 256, 6 * 26)
+    check_text = "; ".join(f"{k} {p / 2**20:.1f} MB planned vs {m / 2**20:.1f} MB measured" for k, (p, m) in check.items())
+    log(f"memory plan vs measured on the CPU: {check_text}")
+    configs = {"tiny": small} if quick else {n: Flux2Config.from_name(n) for n in ("klein-4b", "klein-9b")}
+    n_txt = 16 if quick else 512
+    rows = plan_rows(configs, sides=(64,) if quick else (512, 1024), n_txt=n_txt)
+    return memory_section(rows, check_text, command, n_txt)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -598,10 +697,14 @@ def check_args(args):
     if args.size % 16:
         raise ValueError(f"--size must be a multiple of 16, got {args.size}")
     check_number("--text-tokens", args.text_tokens, 1, 4096, integer=True)
-    if args.quick and args.config != "bench":
+    if args.quick and args.config not in (None, "bench"):
         raise ValueError("--quick uses its own tiny config: --config cannot apply")
     device, dtype = resolve_device(args.device, DTYPES[args.dtype] if args.dtype else None)
-    outputs = [args.out_md] + ([] if args.per_image else [args.out_png])
+    if sum(map(bool, (args.per_image, args.memory, args.attention_cost))) > 1:
+        raise ValueError("--per-image, --memory and --attention-cost are separate runs: give one")
+    if args.attention_cost and args.refs is not None:
+        raise ValueError(f"--refs cannot apply with --attention-cost (always {PER_IMAGE_REFS} references)")
+    outputs = [args.out_md] + ([] if args.per_image or args.memory or args.attention_cost else [args.out_png])
     for path, ext in zip(outputs, (".md", ".png")):
         if not path.endswith(ext):
             raise ValueError(f"{path}: expected a {ext} file")
@@ -611,27 +714,44 @@ def check_args(args):
 
 def main(argv=None):
     p = ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--config", default="bench", choices=["bench", "klein-4b", "klein-9b"],
-                   help="model shape: bench = the small CPU config described above; klein-4b/9b = the real shapes")
-    p.add_argument("--size", type=int, default=None, help="target and reference side in pixels, a multiple of 16 (None: 512; 256 with --per-image)")
-    p.add_argument("--text-tokens", type=int, default=512, help="text sequence length (klein pads to 512)")
-    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--config", default=None, choices=["bench", "klein-4b", "klein-9b"],
+                   help="model shape: bench = the small CPU config described above; klein-4b/9b = the real shapes (None: bench)")
+    p.add_argument("--size", type=int, default=None, help="target and reference side in pixels, a multiple of 16 (None: 512; 256 with --per-image; 64 with --quick)")
+    p.add_argument("--text-tokens", type=int, default=None, help="text sequence length (None: 512, as klein pads; 8 with --quick)")
+    p.add_argument("--device", default=None, help="cpu or cuda (None: cpu)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="None: fp32 on CPU, bf16 on CUDA")
     p.add_argument("--refs", type=int, nargs="+", default=None, help=f"numbers of references to time (None: {' '.join(map(str, REFS))})")
-    p.add_argument("--rounds", type=int, default=3, help="timed rounds per point (after one warm-up round)")
-    p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="CPU threads for torch")
+    p.add_argument("--rounds", type=int, default=None, help="timed rounds per point, after one warm-up round (None: 3; 1 with --quick)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (None: every core; 1 with --quick)")
     p.add_argument("--no-diffusers", action="store_true", help="skip the comparison with diffusers")
     p.add_argument("--per-image", action="store_true",
                    help="time many images per reference set instead (N = 1, 4, 16; dense vs keep 0.1 + KV vs diffusers' KV "
                         "pipeline, bench model and end to end) and write that section into --out-md")  # fmt: skip
+    p.add_argument("--attention-cost", action="store_true",
+                   help=f"instead: the attention selector's scoring pass against a dense step, and the end-to-end speedup with it, "
+                        f"{PER_IMAGE_REFS} references, keep {PER_IMAGE_KEEP:g} (its section of --out-md)")  # fmt: skip
+    p.add_argument("--memory", action="store_true",
+                   help="instead of timing: the GPU memory plan for klein-4B/9B from shapes (memory_plan.py), checked "
+                        "against a measured CPU peak, written into its section of --out-md")  # fmt: skip
     p.add_argument("--quick", action="store_true", help="tiny model and images, 1 round, 1 thread: a smoke test")
     p.add_argument("--out-md", default=None, help="markdown report (None: BENCHMARKS.md; bench-quick/BENCHMARKS.md with --quick)")
     p.add_argument("--out-png", default=None, help="speedup plot (None: benchmarks.png; bench-quick/benchmarks.png with --quick)")
     args = p.parse_args(argv)
-    if args.quick:  # tiny ops gain nothing from threads, which only wait on a busy machine
-        args.size, args.text_tokens, args.rounds, args.threads = 64, 8, 1, 1
-    if args.size is None:
-        args.size = 256 if args.per_image else 512
+    if args.memory:
+        given = [o for o, v in (("--per-image", args.per_image), ("--refs", args.refs), ("--rounds", args.rounds),
+                                ("--size", args.size), ("--text-tokens", args.text_tokens), ("--config", args.config),
+                                ("--device", args.device), ("--dtype", args.dtype), ("--no-diffusers", args.no_diffusers),
+                                ("--out-png", args.out_png)) if v]  # fmt: skip
+        if given:
+            p.error(f"{', '.join(given)} cannot apply with --memory (a plan from shapes for klein-4B and klein-9B)")
+    quick = dict(size=64, text_tokens=8, rounds=1, threads=1)  # tiny ops gain nothing from threads
+    given = [f"--{k.replace('_', '-')}" for k in quick if getattr(args, k) is not None]
+    if args.quick and given:
+        p.error(f"{', '.join(given)} cannot apply with --quick (it sets its own)")
+    defaults = quick if args.quick else dict(size=256 if args.per_image else 512, text_tokens=512, rounds=3,
+                                             threads=len(os.sched_getaffinity(0)))  # fmt: skip
+    for k, v in defaults.items():
+        setattr(args, k, v if getattr(args, k) is None else getattr(args, k))
     folder = "bench-quick" if args.quick else ""  # a smoke run never overwrites the committed report
     args.out_md = args.out_md or os.path.join(folder, "BENCHMARKS.md")
     args.out_png = args.out_png or os.path.join(folder, "benchmarks.png")
@@ -644,11 +764,25 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     command = shlex.join(["python", "bench.py", *(sys.argv[1:] if argv is None else argv)])
     log = lambda msg: print(msg, flush=True)
+    if args.attention_cost:
+        cfg = bench_config(args.quick) if args.config in (None, "bench") else Flux2Config.from_name(args.config)
+        model = build_model(cfg, device, dtype)
+        section = attention_section(bench_attention(model, args, device, dtype, log), args, cfg, device, dtype, command)
+        write_atomic(args.out_md, replace_section(args.out_md, section))
+        log(section)
+        log(f"wrote {args.out_md}")
+        return
+    if args.memory:
+        section = memory_report(args.quick, command, log)
+        write_atomic(args.out_md, replace_section(args.out_md, section))
+        log(section)
+        log(f"wrote {args.out_md}")
+        return
     malloc_tuned = device.type == "cpu" and reuse_freed_memory()
     if device.type == "cpu" and not malloc_tuned:
         log("could not tune glibc malloc: large tensors will be page-faulted in afresh")
 
-    cfg = bench_config(args.quick) if args.config == "bench" else Flux2Config.from_name(args.config)
+    cfg = bench_config(args.quick) if args.config in (None, "bench") else Flux2Config.from_name(args.config)
     start, load = time.perf_counter(), [os.getloadavg()[0]]
     model = build_model(cfg, device, dtype)
     twin = None if args.no_diffusers else build_diffusers(model)

@@ -28,9 +28,9 @@ from PIL import Image, ImageDraw
 
 from files import ArgumentParser, check_number, check_writable_folder, fail, write_atomic
 from model import Flux2
-from pipeline import (add_common_args, check_common, check_sampling, decode_latents, encode_prompts, encode_references,
-                      gather_references, load_references, loaded, output_size, resolve_device, resolve_source,
-                      sample_latents, sampling_defaults, select_references, synchronize, warn_slow_dtype)  # fmt: skip
+from pipeline import (add_common_args, attention_scores, check_common, check_sampling, decode_latents, encode_prompts, encode_references,
+                      gather_references, load_references, loaded, output_size, resolve_source, sampling_device,
+                      sample_latents, sampling_defaults, schedule, select_references, synchronize, warn_slow_dtype)  # fmt: skip
 from text_encoder import TextEncoder
 from token_selectors import draw_selection
 from vae import AutoEncoder
@@ -111,7 +111,8 @@ def pixels(image):
 
 def sweep(model, prompt, refs, keeps, selectors, seed=0, steps=None, guidance=None, height=None, width=None,
           kv_cache=False, uniform_mix=0.25, budget="uniform", selection_seed=0, lora=None,
-          lora_scale=1.0, device=None, dtype=None, progress=False):  # fmt: skip
+          lora_scale=1.0, lora_merge=None, device=None, dtype=None, progress=False, attention_queries="target",
+          attention_block=0):  # fmt: skip
     """Dense (keep 1) and every selector x keep with the same prompt, seed and cache setting.
 
     Returns the references (prepared) and the points, dense first, each with its image, time per
@@ -125,7 +126,7 @@ def sweep(model, prompt, refs, keeps, selectors, seed=0, steps=None, guidance=No
         check_number("--keeps", k, 0, 1, low_open=True)
     if not images:
         raise ValueError("compare needs at least one reference image (--ref)")
-    device, dtype = resolve_device(device, dtype)
+    device, dtype = sampling_device(device, dtype)
     folder = resolve_source(model)
     steps, guidance = sampling_defaults(folder, steps, guidance)
     h, w = output_size(images, height, width)
@@ -134,7 +135,7 @@ def sweep(model, prompt, refs, keeps, selectors, seed=0, steps=None, guidance=No
     for selector in selectors:
         for keep in keeps:
             start = time.perf_counter()
-            kept = select_references(images, keep, selector, "edit", selection_seed, uniform_mix, budget)
+            kept = None if selector == "attention" else select_references(images, keep, selector, "edit", selection_seed, uniform_mix, budget)
             points.append(Point(selector, keep, seconds=time.perf_counter() - start, kept=kept))
 
     with torch.no_grad():
@@ -143,12 +144,23 @@ def sweep(model, prompt, refs, keeps, selectors, seed=0, steps=None, guidance=No
             neg = text.encode([""]) if guidance > 1 else None
         with loaded(AutoEncoder, folder, dtype, device) as vae:
             encoded = encode_references(vae, images, device, dtype)  # once: every point drops from the same tokens
-        with loaded(Flux2, folder, dtype, device, lora, lora_scale) as transformer:
+        with loaded(Flux2, folder, dtype, device, lora, lora_scale, lora_merge) as transformer:
             job = [(prompt, seed)]
             ref, ref_ids = gather_references(encoded, points[0].kept)
             sample_latents(transformer, job, txts, h, w, 1, ref, ref_ids, kv_cache, guidance, neg)  # warm-up
-            latents = []
+            latents, scores = [], None
             for pt in points:
+                if pt.kept is None:  # the attention selector: one scoring pass, counted in each of its points
+                    if scores is None:
+                        synchronize(device)
+                        start = time.perf_counter()
+                        scores = attention_scores(transformer, encoded, txts[prompt], h, w, schedule(steps, h * w)[0], seed,
+                                                  kv_cache, attention_queries, attention_block)  # fmt: skip
+                        synchronize(device)
+                        scoring = time.perf_counter() - start
+                    start = time.perf_counter()
+                    pt.kept = select_references(images, pt.keep, "attention", "edit", selection_seed, uniform_mix, budget, scores)
+                    pt.seconds = scoring + time.perf_counter() - start
                 ref, ref_ids = gather_references(encoded, pt.kept)
                 pt.ref_tokens = ref.shape[1]
                 synchronize(device)
@@ -237,7 +249,7 @@ def parser():
     p.add_argument("--prompt", required=True, help="text prompt (required)")
     p.add_argument("--out-dir", required=True, help="folder for sheet.png, compare.md, compare.json and every image (required)")
     p.add_argument("--keeps", type=float, nargs="+", default=[0.25, 0.1, 0.05], help="keep fractions, one column each (default: 0.25 0.1 0.05)")
-    p.add_argument("--selectors", nargs="+", default=["random", "canny", "saliency"], choices=["random", "canny", "saliency"],
+    p.add_argument("--selectors", nargs="+", default=["random", "canny", "saliency"], choices=["random", "canny", "saliency", "attention"],
                    help="token selectors, one row each (default: random canny saliency)")  # fmt: skip
     p.add_argument("--seed", type=int, default=0, help="noise seed of every image (default: 0)")
     return p
@@ -256,7 +268,7 @@ def main(argv=None):
             raise ValueError("--keeps and --selectors must not repeat a value")
         check_number("--seed", args.seed, 0, 2**63 - 1, integer=True)
         check_writable_folder(args.out_dir)
-        device, dtype = check_common(args, sparse=True)
+        device, dtype = check_common(args, sparse=True, attention="attention" in args.selectors)
     except (OSError, ValueError) as e:
         fail(e)
     warn_slow_dtype(device, dtype)
@@ -265,7 +277,9 @@ def main(argv=None):
                 kv_cache=args.kv_cache,
                 uniform_mix=0.25 if args.uniform_mix is None else args.uniform_mix, budget=args.budget or "uniform",
                 selection_seed=args.selection_seed or 0, lora=args.lora,
-                lora_scale=1.0 if args.lora_scale is None else args.lora_scale)  # fmt: skip
+                lora_scale=1.0 if args.lora_scale is None else args.lora_scale,
+                lora_merge=True if args.lora_merge else None, attention_queries=args.attention_queries or "target",
+                attention_block=args.attention_block or 0)  # fmt: skip
     try:
         refs, points = sweep(args.model, args.prompt, args.ref, args.keeps, args.selectors, device=device, dtype=dtype,
                              progress=True, **opts)  # fmt: skip

@@ -81,7 +81,9 @@ def read_safetensors(paths):
 def load_into(model, sd, dtype=None, device=None, file_name=None):
     """Assign a state dict to a meta-device model, moving each tensor to `device` and casting floating-point
     ones to `dtype` (None: keep). A mismatch is one ValueError naming every missing, unexpected and mis-shaped
-    key, as the file names it (file_name maps our key to the file's, when they differ)."""
+    key, as the file names it (file_name maps our key to the file's, when they differ). The parameters
+    come out frozen (requires_grad False): a plain forward builds no autograd graph over its
+    activations, and training unfreezes only what it trains (train.py's LoRA)."""
     name = file_name or (lambda k: k)
     expected = model.state_dict()
     missing = sorted(name(k) for k in set(expected) - set(sd))
@@ -94,7 +96,7 @@ def load_into(model, sd, dtype=None, device=None, file_name=None):
         raise ValueError(f"checkpoint does not match {type(model).__name__}: " + "; ".join(parts))
     sd = {k: v.to(device=device, dtype=dtype if dtype is not None and v.is_floating_point() else v.dtype) for k, v in sd.items()}
     model.load_state_dict(sd, assign=True)
-    return model
+    return model.requires_grad_(False)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -292,10 +294,12 @@ def resolve_device(device=None, dtype=None):
     try:
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     except (RuntimeError, TypeError):
-        raise ValueError(f"--device {name!r} is not a device; use cpu, cuda, cuda:N or mps") from None
-    available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
+        raise ValueError(f"--device {name!r} is not a device; use cpu, cuda or cuda:N") from None
+    if device.type == "mps":  # refused here, not by a traceback deep in the first forward
+        raise ValueError(f"--device {name}: not supported (klein's RoPE tables are float64, which MPS lacks); use cpu or cuda")
+    available = {"cpu": True, "cuda": torch.cuda.is_available()}
     if device.type not in available:
-        raise ValueError(f"--device {name}: not supported; use cpu, cuda, cuda:N or mps")
+        raise ValueError(f"--device {name}: not supported; use cpu, cuda or cuda:N")
     if not available[device.type]:
         raise ValueError(f"--device {name}: no {device.type.upper()} device here (torch {torch.__version__}); use --device cpu")
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():

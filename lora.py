@@ -13,7 +13,7 @@ Files we write are diffusers/PEFT files (`transformer.transformer_blocks.0.attn.
 with alpha / r folded into B: diffusers without an adapter config, ComfyUI and ai-toolkit all read
 such a file as alpha == r, so every loader gets the right scale.
 
-May import: files, model (its checkpoint names).
+May import: files, model (its checkpoint names), quant (8-bit base layers).
 """
 
 import json
@@ -28,6 +28,7 @@ from safetensors.torch import save
 
 from files import check_file, field, write_atomic
 from model import FINAL_MODULATION, diffusers_names, swap_halves
+from quant import linear8, replace_module
 
 # diffusers' klein trainer targets to_q/to_k/to_v, to_out.0, to_qkv_mlp_proj and the single blocks'
 # attn.to_out; these are the same layers under our (BFL) names.
@@ -50,7 +51,8 @@ class LoRALinear(nn.Module):
     The base weight is the wrapped Linear's own Parameter (shared, not copied), so the model's state
     dict keeps its names (`...qkv.weight`) and gains `...qkv.lora_A` (chunks, r, in) and
     `...qkv.lora_B` (chunks, out / chunks, r). LoRA parameters stay float32 (the master copy when
-    training under bf16 autocast).
+    training under bf16 autocast). Over an 8-bit base (quant.Linear8) the LoRA also shares its
+    `weight_scale` and stays unmerged: an update cannot be added into 8-bit weights.
     """
 
     def __init__(self, base: nn.Linear, rank: int, alpha: float | None = None, chunks: int = 1):
@@ -59,6 +61,7 @@ class LoRALinear(nn.Module):
         if out_features % chunks:
             raise ValueError(f"{out_features} output features do not split into {chunks} chunks")
         self.weight, self.bias = base.weight, base.bias
+        self.register_buffer("weight_scale", getattr(base, "weight_scale", None))  # (out,) of an 8-bit base, else None
         self.rank, self.chunks = rank, chunks
         self.scaling = (rank if alpha is None else alpha) / rank
         device = base.weight.device
@@ -67,7 +70,7 @@ class LoRALinear(nn.Module):
         self.merged = False
 
     def forward(self, x):
-        y = F.linear(x, self.weight, self.bias)
+        y = F.linear(x, self.weight, self.bias) if self.weight_scale is None else linear8(x, self.weight, self.weight_scale)
         if self.merged:
             return y
         h = F.linear(x.to(self.lora_A.dtype), self.lora_A.flatten(0, 1))  # (..., chunks * r)
@@ -82,6 +85,8 @@ class LoRALinear(nn.Module):
     @torch.no_grad()
     def merge(self):
         """Add the update into the base weight (in float32, then cast: lossy for bf16 weights)."""
+        if self.weight_scale is not None:
+            raise ValueError("a LoRA over 8-bit weights cannot be merged into them; it runs unmerged")
         if not self.merged:
             self.weight.copy_(self.weight.float() + self.delta_weight())
             self.merged = True
@@ -95,11 +100,6 @@ class LoRALinear(nn.Module):
     def extra_repr(self):
         out, inp = self.weight.shape
         return f"in={inp}, out={out}, rank={self.rank}, chunks={self.chunks}, scaling={self.scaling:g}"
-
-
-def replace_module(model, name, module):
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent), child, module)
 
 
 def lora_modules(model):
@@ -275,7 +275,8 @@ def lora_deltas(model, sd, metadata=None):
 def load_lora(model, path_or_sd, scale=1.0, merge=True):
     """Apply a LoRA file (or state dict) of any supported format to the model; returns the module names.
 
-    merge=True adds scale * B A into the base weights (stackable, no runtime cost). merge=False wraps
+    merge=True adds scale * B A into the base weights (stackable, no runtime cost); 8-bit layers
+    (quant.Linear8) cannot take it and are wrapped as with merge=False. merge=False wraps
     the layers in LoRALinear (rank = the largest of the file's chunks, smaller ones zero-padded, which
     is exact) with scaling = scale, so the LoRA can be unmerged, rescaled or trained further.
     """
@@ -286,7 +287,7 @@ def load_lora(model, path_or_sd, scale=1.0, merge=True):
         by_module.setdefault(name, []).append((chunk, a, b))
     for name, parts in by_module.items():
         layer = model.get_submodule(name)
-        if merge:
+        if merge and getattr(layer, "weight_scale", None) is None:
             with torch.no_grad():
                 w = layer.weight
                 for chunk, a, b in parts:

@@ -11,7 +11,7 @@ Two ways references can attend (see `attention`):
 
 Parameter names follow BFL's single-file checkpoints; diffusers folders are converted on load.
 
-May import: files (checkpoint reading). Nothing else of this project.
+May import: files (checkpoint reading), quant (8-bit weights). Nothing else of this project.
 """
 
 import math
@@ -23,6 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from files import check_file, diffusers_weight_files, field, load_into, read_json, read_safetensors, resolve_component
+from quant import to_8bit
 
 
 @dataclass
@@ -289,15 +290,17 @@ class DoubleStreamBlock(nn.Module):
         self.txt_attn = SelfAttention(D, cfg.num_heads)
         self.txt_mlp = nn.Sequential(nn.Linear(D, 2 * M, bias=False), SwiGLU(), nn.Linear(M, D, bias=False))
 
+    def qkv(self, img, txt, img_mod, txt_mod, pe):
+        """q, k (after QK-norm and RoPE), v of [text | image] tokens: (B, L + N + M, H, D) each."""
+        iq, ik, iv = self.img_attn.qkv_heads(modulate(img, img_mod[0], img_mod[1], self.eps))
+        tq, tk, tv = self.txt_attn.qkv_heads(modulate(txt, txt_mod[0], txt_mod[1], self.eps))
+        return apply_rope(torch.cat([tq, iq], dim=1), pe), apply_rope(torch.cat([tk, ik], dim=1), pe), torch.cat([tv, iv], dim=1)
+
     def forward(self, img, txt, img_mod, txt_mod, pe, n_kv_ref, kv_cache, layer):
         # img (B, N + M, D): target then reference tokens (both use the image weights); txt (B, L, D)
-        i_shift1, i_scale1, i_gate1, i_shift2, i_scale2, i_gate2 = img_mod
-        t_shift1, t_scale1, t_gate1, t_shift2, t_scale2, t_gate2 = txt_mod
-        iq, ik, iv = self.img_attn.qkv_heads(modulate(img, i_shift1, i_scale1, self.eps))
-        tq, tk, tv = self.txt_attn.qkv_heads(modulate(txt, t_shift1, t_scale1, self.eps))
-        q = apply_rope(torch.cat([tq, iq], dim=1), pe)
-        k = apply_rope(torch.cat([tk, ik], dim=1), pe)
-        out = attention(q, k, torch.cat([tv, iv], dim=1), n_kv_ref, kv_cache, layer)
+        _, _, i_gate1, i_shift2, i_scale2, i_gate2 = img_mod
+        _, _, t_gate1, t_shift2, t_scale2, t_gate2 = txt_mod
+        out = attention(*self.qkv(img, txt, img_mod, txt_mod, pe), n_kv_ref, kv_cache, layer)
         L = txt.shape[1]
         img = gated(img, i_gate1, self.img_attn.proj(out[:, L:]))
         img = gated(img, i_gate2, self.img_mlp(modulate(img, i_shift2, i_scale2, self.eps)))
@@ -318,13 +321,17 @@ class SingleStreamBlock(nn.Module):
         self.norm = QKNorm(cfg.head_dim)
         self.mlp_act = SwiGLU()
 
-    def forward(self, x, mod, pe, n_kv_ref, kv_cache, layer):
-        shift, scale, gate = mod
-        qkv, mlp = self.linear1(modulate(x, shift, scale, self.eps)).split(self.split, dim=-1)
+    def qkv(self, x, mod, pe):
+        """q, k (after QK-norm and RoPE), v (B, L, H, D) of all tokens, and the MLP's input (B, L, 2M)."""
+        qkv, mlp = self.linear1(modulate(x, mod[0], mod[1], self.eps)).split(self.split, dim=-1)
         q, k, v = split_heads(qkv, self.num_heads)
         q, k = self.norm(q, k)
-        out = attention(apply_rope(q, pe), apply_rope(k, pe), v, n_kv_ref, kv_cache, layer)
-        return gated(x, gate, self.linear2(torch.cat([out, self.mlp_act(mlp)], dim=-1)))
+        return apply_rope(q, pe), apply_rope(k, pe), v, mlp
+
+    def forward(self, x, mod, pe, n_kv_ref, kv_cache, layer):
+        q, k, v, mlp = self.qkv(x, mod, pe)
+        out = attention(q, k, v, n_kv_ref, kv_cache, layer)
+        return gated(x, mod[2], self.linear2(torch.cat([out, self.mlp_act(mlp)], dim=-1)))
 
 
 class LastLayer(nn.Module):
@@ -417,13 +424,78 @@ class Flux2(nn.Module):
         return block(*args)
 
     @classmethod
-    def from_pretrained(cls, source, dtype=None, device=None):
-        """Load a diffusers transformer/ folder, a repository folder, a BFL single file or a hub id."""
+    def from_pretrained(cls, source, dtype=None, device=None, weights=None):
+        """Load a diffusers transformer/ folder, a repository folder, a BFL single file or a hub id.
+
+        weights "fp8" or "int8": the blocks' Linears in 8 bits (quant.Linear8), the rest in dtype; a BFL
+        fp8 file (flux-2-klein-4b-fp8.safetensors) loads as it is, with weights="fp8".
+        """
         cfg, sd = load_checkpoint(source)
         with torch.device("meta"):
             model = cls(cfg)
+        if weights is not None or any(k.endswith(".weight_scale") for k in sd):
+            sd, dtype = to_8bit(model, sd, weights, dtype, device), None  # every tensor final, on device
         load_into(model, sd, dtype, device)
         return model.eval()
+
+
+# ----------------------------------------------------------------------------------------------
+# The model's own view of its references: which reference keys the queries attend to
+
+
+QUERIES = ("target", "text", "both", "references")
+
+
+class _Stop(Exception):
+    """Ends a forward at the block whose inputs reference_attention needs."""
+
+
+@torch.no_grad()
+def reference_attention(model, img, img_ids, txt, txt_ids, t, ref, ref_ids, block=0, queries="target",
+                        kv_pattern=False, chunk_bytes=64 * 2**20):  # fmt: skip
+    """(B, M) non-negative scores, one per reference token: the attention mass its key receives in
+    `block` (0-based over double then single blocks) of one forward with every reference token, the
+    softmax over all keys each query attends to, averaged over heads and over the chosen queries.
+
+    queries: "target", "text", "both" (text and target) or "references". With kv_pattern the
+    references run as in the KV cache (t = 0, attending only to references): "references" then ranks
+    them by their mutual attention, which depends on neither the prompt nor the target, so one pass
+    serves every prompt and seed of a reference set. The forward stops at `block`: the pass costs the
+    blocks before it plus this block's projections and scores. The scores are accumulated over
+    chunks of queries, so no (H, queries, keys) matrix exists: at most ~3 x chunk_bytes beyond the
+    block's own q and k (a forward holds those anyway).
+    """
+    if queries not in QUERIES:
+        raise ValueError(f"unknown queries {queries!r}; choose one of {', '.join(QUERIES)}")
+    blocks = [*model.double_blocks, *model.single_blocks]
+    if not 0 <= block < len(blocks):
+        raise ValueError(f"block {block} is not one of the model's {len(blocks)} blocks (0 to {len(blocks) - 1})")
+    seen = []
+
+    def grab(module, args):
+        seen.append(args)
+        raise _Stop
+
+    hook = blocks[block].register_forward_pre_hook(grab)
+    try:
+        model(img, img_ids, txt, txt_ids, t, ref=ref, ref_ids=ref_ids, kv_pattern=kv_pattern)
+    except _Stop:
+        pass
+    finally:
+        hook.remove()
+    args = seen[0]
+    q, k = blocks[block].qkv(*(args[:5] if block < len(model.double_blocks) else args[:3]))[:2]  # (B, L + N + M, H, D)
+    L, N, M = txt.shape[1], img.shape[1], ref.shape[1]
+    rows = {"target": slice(L, L + N), "text": slice(0, L), "both": slice(0, L + N), "references": slice(L + N, None)}[queries]
+    keys = slice(L + N, None) if kv_pattern and queries == "references" else slice(None)  # who each query sees
+    qs, ks = q[:, rows].transpose(1, 2), k[:, keys].transpose(1, 2)  # (B, H, Q, D), (B, H, K, D)
+    B, H, Q, D = qs.shape
+    mass = torch.zeros(B, ks.shape[2], dtype=torch.float32, device=q.device)
+    step = max(1, chunk_bytes // (B * H * ks.shape[2] * 4))  # query rows per chunk of float32 scores
+    for i in range(0, Q, step):
+        scores = (qs[:, :, i : i + step] @ ks.transpose(-1, -2)).float() * D**-0.5  # (B, H, chunk, K)
+        mass += scores.softmax(dim=-1).sum(dim=(1, 2))
+    return mass[:, -M:] / (H * Q)
 
 
 # ----------------------------------------------------------------------------------------------

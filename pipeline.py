@@ -9,7 +9,7 @@ once; the references are encoded and selected once, and with a KV cache their K/
 and shared by every prompt, seed and step. The options sample.py and compare.py share are defined and
 checked here too, before any model loads.
 
-May import: files, model, vae, text_encoder, token_selectors, lora. No script (sample.py, compare.py, ...).
+May import: files, quant, model, vae, text_encoder, token_selectors, lora. No script (sample.py, compare.py, ...).
 """
 
 import gc
@@ -27,7 +27,8 @@ from PIL import Image
 from tqdm import tqdm
 
 from files import DTYPES, check_number, check_writable, image_format, load_image, read_json, resolve_component, resolve_device, write_atomic
-from model import Flux2, KVCache
+from model import QUERIES, Flux2, KVCache, load_checkpoint, reference_attention
+from quant import check_weights
 from text_encoder import TextEncoder
 from token_selectors import draw_selection, select_reference_tokens
 from vae import AutoEncoder, pack, unpack
@@ -300,6 +301,18 @@ def is_distilled(folder):
     return distilled
 
 
+def sampling_device(device=None, dtype=None):
+    """(device, dtype) for sampling: resolve_device's, fp16 refused (klein's transformer activations
+    overflow fp16's 65504), and TF32 matmuls for fp32 on CUDA (klein's own inference runs bf16)."""
+    device, dtype = resolve_device(device, dtype)
+    if dtype == torch.float16:
+        raise ValueError("--dtype fp16: klein's transformer overflows float16 (activations beyond 65504); use bf16 "
+                         "(the GPU default) or fp32")  # fmt: skip
+    if device.type == "cuda" and dtype == torch.float32:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    return device, dtype
+
+
 def sampling_defaults(folder, steps, guidance):
     """(steps, guidance) where not given: distilled checkpoints 4 steps without CFG, base ones 50 with CFG 4."""
     distilled = is_distilled(folder)
@@ -315,23 +328,28 @@ def free(*modules):
 
 
 @contextmanager
-def loaded(component, folder, dtype, device, lora=None, lora_scale=1.0):
-    """component.from_pretrained(folder) for one `with` block, then freed: one component in memory at a
-    time. A LoRA (transformer only) is applied on load."""
-    module = component.from_pretrained(folder, dtype=dtype, device=device)
+def loaded(component, folder, dtype, device, lora=None, lora_scale=1.0, lora_merge=None, **options):
+    """component.from_pretrained(folder, **options) for one `with` block, then freed: one component in
+    memory at a time. A LoRA (transformer only) is applied on load: merged into fp32 weights; kept
+    unmerged beside 16-bit ones (a float32 LoRA path, as training ran it and as diffusers'
+    load_lora_weights keeps it), since a merge rounds every update below half a bf16 step of its weight
+    away; lora_merge forces either. 8-bit layers always keep it unmerged."""
+    module = component.from_pretrained(folder, dtype=dtype, device=device, **options)
     try:
         if lora:
             from lora import load_lora
 
-            load_lora(module, lora, scale=lora_scale)
+            merge = next(module.parameters()).dtype == torch.float32 if lora_merge is None else lora_merge
+            load_lora(module, lora, scale=lora_scale, merge=merge)
         yield module
     finally:
         free(module)
 
 
-def select_references(images, keep, selector, task, seed, uniform_mix, budget, multiple=1):
+def select_references(images, keep, selector, task, seed, uniform_mix, budget, scores=None, multiple=1):
     """Kept token indices (row-major on each reference's 16-px grid) per reference; None keeps all.
-    multiple: counts rounded up to a multiple of it (token_selectors.n_keep)."""
+    selector "attention" takes the model's per-reference scores (attention_scores); counts rounded up to a
+    multiple of `multiple` (token_selectors.n_keep)."""
     keeps = keep if isinstance(keep, (list, tuple)) else [keep] * len(images)
     if len(keeps) != len(images):
         raise ValueError(f"--keep has {len(keeps)} values for {len(images)} reference images")
@@ -342,7 +360,24 @@ def select_references(images, keep, selector, task, seed, uniform_mix, budget, m
     if selector == "auto":  # structure for editing, the salient subject for personalization
         selector = "canny" if task == "edit" else "saliency"
     return select_reference_tokens(images, keeps, selector=selector, seed=seed, uniform_mix=uniform_mix, budget=budget,
-                                   multiple=multiple)  # fmt: skip
+                                   scores=scores, multiple=multiple)  # fmt: skip
+
+
+def is_sparse(keep, budget):
+    """Tokens are dropped: some keep below 1, or the adaptive budget."""
+    return any(k < 1 for k in (keep if isinstance(keep, (list, tuple)) else [keep])) or budget == "adaptive"
+
+
+def attention_scores(transformer, encoded, txt, h, w, sigma, seed, kv_pattern, queries="target", block=0):
+    """Per-reference (N_i,) scores from the transformer itself (model.reference_attention): every
+    reference token, the first image's noise (seed) at the first step's sigma, its prompt txt (1, L, J).
+    In the KV pattern with queries "references" the scores depend on the references alone."""
+    ref, ref_ids = gather_references(encoded, [None] * len(encoded))
+    x = initial_noise(seed, transformer.cfg.in_channels, h, w, ref.dtype).to(ref.device)
+    t = sigma.reshape(1).to(ref.device, ref.dtype)
+    scores = reference_attention(transformer, x, grid_ids(h, w).to(ref.device), txt, text_ids(txt.shape[1]).to(ref.device), t,
+                                 ref, ref_ids, block=block, queries=queries, kv_pattern=kv_pattern)[0]  # fmt: skip
+    return list(scores.split([tokens.shape[1] for tokens, _ in encoded]))
 
 
 def vae_dtype(module):
@@ -389,8 +424,7 @@ def initial_noise(seed, channels, h, w, dtype):
     return pack(torch.randn(1, channels, h, w, generator=g, dtype=dtype))
 
 
-LATENT_CAUSES = ("the LoRA (--lora, --lora-scale), non-finite transformer weights, --guidance, or fp16 overflow "
-                 "(try --dtype bf16 or fp32)")  # fmt: skip
+LATENT_CAUSES = "the LoRA (--lora, --lora-scale), non-finite transformer weights, or --guidance"
 
 
 def sample_latents(transformer, jobs, txts, h, w, steps, ref=None, ref_ids=None, kv_cache=False, guidance=1.0,
@@ -427,7 +461,7 @@ def decode_latents(vae, latents, h, w, batch_size=1):
     for i in range(0, len(latents), batch_size):
         x = torch.cat(latents[i : i + batch_size])
         pixels = vae.decode(unpack(x, h, w).to(vae_dtype(vae)))
-        check_finite(pixels, "a decoded image", "non-finite VAE weights or fp16 overflow (try --dtype bf16 or fp32)")
+        check_finite(pixels, "a decoded image", "non-finite VAE weights")
         images += [to_image(p) for p in pixels]
     return images
 
@@ -443,16 +477,19 @@ def output_size(images, height, width):
 
 def generate(model, prompt, refs=(), steps=None, guidance=None, seed=0, height=None, width=None, kv_cache=False,
              keep=1.0, selector="auto", task="edit", uniform_mix=0.25, budget="uniform", lora=None, lora_scale=1.0,
-             device=None, dtype=None, save_selection=None, selection_seed=0, batch_size=1, progress=True,
-             compile=False):  # fmt: skip
+             lora_merge=None, device=None, dtype=None, save_selection=None, selection_seed=0, batch_size=1, progress=True,
+             attention_queries="target", attention_block=0, weights=None, compile=False):  # fmt: skip
     """Sample images; `model` is a klein repository folder or hub id.
 
     prompt: a prompt or a list of them; seed: a seed or a list; refs: paths or PIL images (a single
     path is one reference). Every (prompt, seed) pair gives one image, prompt-major: (p0, s0),
     (p0, s1), ..., (p1, s0), ... Each distinct prompt is encoded once; the references are prepared,
     VAE-encoded and selected (seeded by selection_seed, the same for every image) once, and with
-    kv_cache their K/V are extracted once for all images. Returns (image, SampleStats) for one
-    prompt and one seed, else ([images], SampleStats).
+    kv_cache their K/V are extracted once for all images. selector "attention" ranks the reference
+    tokens by the transformer's own attention (attention_scores, once, from the first image; the
+    pass is timed as "token scoring"). weights "fp8" or "int8": the transformer's block Linears in
+    8 bits (Flux2.from_pretrained), the rest in dtype. Returns (image, SampleStats) for one prompt
+    and one seed, else ([images], SampleStats).
 
     compile: torch.compile the transformer forward (fullgraph, static shapes). A run's shapes are
     fixed, so it compiles once (twice with kv_cache: extraction and cached steps); each reference's
@@ -467,13 +504,20 @@ def generate(model, prompt, refs=(), steps=None, guidance=None, seed=0, height=N
     images = load_references(refs)
     check_sampling(prompts, seeds, len(images), steps, guidance, height, width, keep, uniform_mix, budget, kv_cache,
                    save_selection, lora, lora_scale, batch_size)  # fmt: skip
-    device, dtype = resolve_device(device, dtype)
+    if selector == "attention" and attention_queries not in QUERIES:
+        raise ValueError(f"--attention-queries {attention_queries!r}: choose one of {', '.join(QUERIES)}")
+    check_number("--attention-block", attention_block, 0, integer=True)
+    if weights is not None:
+        check_weights(weights)
+    device, dtype = sampling_device(device, dtype)
     folder = resolve_source(model)
     steps, guidance = sampling_defaults(folder, steps, guidance)
     stats = SampleStats()
     timer = Timer(stats, device)
     multiple = COMPILE_BUCKET if compile else 1
-    kept = stats.kept = select_references(images, keep, selector, task, selection_seed, uniform_mix, budget, multiple) if images else []
+    by_model = selector == "attention" and is_sparse(keep, budget)
+    select = lambda scores=None: select_references(images, keep, selector, task, selection_seed, uniform_mix, budget, scores, multiple)  # noqa: E731
+    kept = [] if not images else None if by_model else select()  # the attention selector needs the transformer
     h, w = output_size(images, height, width)
 
     with torch.no_grad():
@@ -482,16 +526,21 @@ def generate(model, prompt, refs=(), steps=None, guidance=None, seed=0, height=N
             neg = text.encode([""]) if guidance > 1 else None
         timer.lap("text encoding")
 
-        ref = ref_ids = None
+        encoded = []
         if images:
             with loaded(AutoEncoder, folder, dtype, device) as vae:
-                ref, ref_ids = gather_references(encode_references(vae, images, device, dtype), kept)
-            for image, idx in zip(images, kept):
-                n = (image.size[0] // 16) * (image.size[1] // 16)
-                stats.ref_tokens.append((n, n if idx is None else len(idx)))
+                encoded = encode_references(vae, images, device, dtype)
         timer.lap("reference encoding")
 
-        with loaded(Flux2, folder, dtype, device, lora, lora_scale) as transformer:
+        with loaded(Flux2, folder, dtype, device, lora, lora_scale, lora_merge, weights=weights) as transformer:
+            if by_model:
+                sigma = schedule(steps, h * w)[0]
+                kept = select(attention_scores(transformer, encoded, txts[prompts[0]], h, w, sigma, seeds[0], kv_cache,
+                                               attention_queries, attention_block))  # fmt: skip
+                timer.lap("token scoring")
+            ref, ref_ids = gather_references(encoded, kept) if images else (None, None)
+            stats.kept = kept
+            stats.ref_tokens = [(tokens.shape[1], tokens.shape[1] if idx is None else len(idx)) for (tokens, _), idx in zip(encoded, kept)]
             if compile:
                 transformer.compile(fullgraph=True, dynamic=False)
             latents = sample_latents(transformer, jobs, txts, h, w, steps, ref, ref_ids, kv_cache, guidance, neg,
@@ -527,12 +576,21 @@ def add_common_args(p):
     p.add_argument("--selection-seed", type=int, default=None, help="seed of the token selection, shared by every image (default: 0)")
     p.add_argument("--lora", default=None, help="LoRA file (diffusers, BFL/ai-toolkit or kohya format) (default: none)")
     p.add_argument("--lora-scale", type=float, default=None, help="LoRA strength, needs --lora (default: 1)")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps (default: cuda if available, else cpu)")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="weights and activations (default: bf16 on GPU, fp32 on CPU)")
+    p.add_argument("--lora-merge", action="store_true",
+                   help="merge the LoRA into 16-bit weights too (default: merged only into fp32 weights; bf16/fp16 ones keep "
+                        "it unmerged, since a merge rounds updates below half a bf16 step away)")  # fmt: skip
+    p.add_argument("--attention-queries", default=None, choices=QUERIES,
+                   help="the attention selector's queries: target, text, both, or references (with --kv-cache: their mutual "
+                        "attention, the same for every prompt) (default: target)")  # fmt: skip
+    p.add_argument("--attention-block", type=int, default=None,
+                   help="the block whose attention the attention selector reads, 0-based over double then single blocks (default: 0)")
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available, else cpu)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="weights and activations; fp16 is refused (klein overflows it) (default: bf16 on GPU, fp32 on CPU)")
 
 
-def check_common(args, sparse):
-    """Checks of the shared options that need no model; returns (device, dtype). sparse: tokens are dropped."""
+def check_common(args, sparse, attention=False):
+    """Checks of the shared options that need no model weights; returns (device, dtype). sparse: tokens
+    are dropped; attention: the attention selector runs."""
     if not args.ref:
         given = [o for o, v in (("--task", args.task), ("--uniform-mix", args.uniform_mix), ("--budget", args.budget),
                                 ("--selection-seed", args.selection_seed), ("--kv-cache", args.kv_cache)) if v is not None and v is not False]  # fmt: skip
@@ -543,14 +601,20 @@ def check_common(args, sparse):
                                 ("--selection-seed", args.selection_seed)) if v is not None]  # fmt: skip
         if given:
             raise ValueError(f"{', '.join(given)} cannot apply with --keep 1 (no token is dropped)")
-    if args.lora_scale is not None and args.lora is None:
-        raise ValueError("--lora-scale cannot apply without --lora")
+    if args.lora is None and (args.lora_scale is not None or args.lora_merge):
+        raise ValueError(f"{'--lora-scale' if args.lora_scale is not None else '--lora-merge'} cannot apply without --lora")
     if args.selection_seed is not None:
         check_number("--selection-seed", args.selection_seed, 0, 2**63 - 1, integer=True)
-    device, dtype = resolve_device(args.device, DTYPES[args.dtype] if args.dtype else None)
+    given = [o for o, v in (("--attention-queries", args.attention_queries), ("--attention-block", args.attention_block)) if v is not None]
+    if given and not (attention and sparse):
+        raise ValueError(f"{', '.join(given)} cannot apply without the attention selector and a keep below 1")
+    device, dtype = sampling_device(args.device, args.dtype)
     load_references(args.ref)  # every reference exists, is an image and has a usable size
     folder = resolve_source(args.model)
     is_distilled(folder)
+    if args.attention_block is not None:
+        cfg, _ = load_checkpoint(folder)  # the config, checked; the weights memory-mapped, unread
+        check_number("--attention-block", args.attention_block, 0, cfg.depth + cfg.depth_single - 1, integer=True)
     return device, dtype
 
 

@@ -8,7 +8,7 @@ r"""Sample FLUX.2 [klein] with (sparse) reference images, one image or many: the
 Every option is checked before any model loads; then pipeline.generate() samples every (prompt, seed)
 image, and each is written atomically once all of them exist.
 
-May import: files, pipeline. No other script.
+May import: files, pipeline, quant (the --weights formats). No other script.
 """
 
 import argparse
@@ -17,6 +17,7 @@ import time
 
 from files import ArgumentParser, check_file, check_number, check_writable, check_writable_folder, fail, image_format, write_atomic
 from pipeline import COMPILE_BUCKET, MAX_IMAGES, add_common_args, check_common, check_sampling, generate, warn_slow_dtype
+from quant import FORMATS
 
 
 
@@ -55,10 +56,13 @@ def parser():
     p.add_argument("--num-images", type=int, default=None, help="images per prompt, seeds --seed, --seed + 1, ... (default: 1)")
     p.add_argument("--keep", type=float, action="extend", nargs="+", default=None,
                    help="fraction of reference tokens kept, in (0, 1]: one value or one per reference (default: 1, dense)")  # fmt: skip
-    p.add_argument("--selector", default=None, choices=["auto", "random", "canny", "saliency"],
-                   help="token selector; auto: canny for edit, saliency for subject (default: auto)")  # fmt: skip
+    p.add_argument("--selector", default=None, choices=["auto", "random", "canny", "saliency", "attention"],
+                   help="token selector; auto: canny for edit, saliency for subject; attention: the transformer's own attention "
+                        "to each reference token, one block of one step (default: auto)")  # fmt: skip
     p.add_argument("--save-selection", default=None, help="also save the references with their kept tokens highlighted (default: none)")
     p.add_argument("--batch-size", type=int, default=1, help="images per transformer and VAE call (default: 1)")
+    p.add_argument("--weights", choices=sorted(FORMATS), default=None,
+                   help="the transformer's block Linears in 8 bits, dequantized per matmul; fp8 loads BFL's fp8 files (default: --dtype)")  # fmt: skip
     p.add_argument("--compile", action="store_true",
                    help=f"torch.compile the transformer (fullgraph); kept counts round up to a multiple of {COMPILE_BUCKET} tokens (default: off)")  # fmt: skip
     return p
@@ -95,7 +99,7 @@ def check_args(args):
     paths = output_paths(args.out, args.out_dir, prompts, seeds)
     if args.save_selection is not None and os.path.abspath(args.save_selection) in map(os.path.abspath, paths):
         raise ValueError(f"--save-selection {args.save_selection} is also an output image")
-    device, dtype = check_common(args, sparse=any(k < 1 for k in keep) or args.budget == "adaptive")
+    device, dtype = check_common(args, sparse=any(k < 1 for k in keep) or args.budget == "adaptive", attention=args.selector == "attention")
     return prompts, seeds, paths, device, dtype
 
 
@@ -114,9 +118,11 @@ def main(argv=None):
                                  keep=keep[0] if len(keep) == 1 else keep, selector=args.selector or "auto",
                                  task=args.task or "edit", uniform_mix=0.25 if args.uniform_mix is None else args.uniform_mix,
                                  budget=args.budget or "uniform", lora=args.lora,
-                                 lora_scale=1.0 if args.lora_scale is None else args.lora_scale, device=device, dtype=dtype,
+                                 lora_scale=1.0 if args.lora_scale is None else args.lora_scale,
+                                 lora_merge=True if args.lora_merge else None, device=device, dtype=dtype,
                                  save_selection=args.save_selection, selection_seed=args.selection_seed or 0,
-                                 batch_size=args.batch_size, compile=args.compile)  # fmt: skip
+                                 batch_size=args.batch_size, attention_queries=args.attention_queries or "target",
+                                 attention_block=args.attention_block or 0, weights=args.weights, compile=args.compile)  # fmt: skip
         for image, path in zip(images, paths):
             write_atomic(path, image)
     except (OSError, ValueError, RuntimeError, KeyError) as e:

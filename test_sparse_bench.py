@@ -10,6 +10,7 @@ import torch.nn as nn
 import pytest
 
 import bench
+import lora
 from bench import HEADER, KEEPS, PER_IMAGE, PER_IMAGE_HEADING, REFS, bench_config, forward_flops, loop_flops
 from model import Flux2, Flux2Config
 from token_selectors import n_keep
@@ -116,6 +117,10 @@ def test_end_to_end_per_image_times_every_run(monkeypatch):
     (["--device", "bogus"], "--device"), (["--out-md", "{d}/x.txt"], "x.txt"), (["--out-png", "{d}/x.md"], "x.md"),
     (["--quick", "--config", "klein-4b"], "--config"), (["--per-image", "--refs", "2"], "--refs"),
     (["--rounds", "x"], "--rounds"), (["--out-md", "{d}/folder.md"], "folder.md"),
+    (["--quick", "--rounds", "-1"], "--rounds"), (["--quick", "--size", "128"], "--size"), (["--rounds", "-1"], "--rounds"),
+    (["--memory", "--refs", "2"], "--refs"), (["--memory", "--config", "klein-4b"], "--config"),
+    (["--memory", "--per-image"], "--per-image"), (["--memory", "--out-png", "{d}/x.png"], "--out-png"),
+    (["--attention-cost", "--per-image"], "--attention-cost"), (["--attention-cost", "--refs", "2"], "--refs"),
 ])  # fmt: skip
 def test_bad_options(tmp_path, capsys, monkeypatch, args, message):
     """One `error:` line naming the option, a non-zero exit, nothing written, before any model is built."""
@@ -126,3 +131,55 @@ def test_bad_options(tmp_path, capsys, monkeypatch, args, message):
     err = capsys.readouterr().err.strip().splitlines()
     assert exit.value.code != 0 and len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
     assert [p.name for p in tmp_path.iterdir()] == ["folder.md"]
+
+
+@pytest.mark.parametrize("kv_pattern", [False, True])
+def test_memory_plan_equals_measured_peak(kv_pattern):
+    """The plan from shapes (meta device) is within 20% of the profiler's measured peak of the same step
+    on the CPU: sampling with the KV cache, LoRA training with and without gradient checkpointing."""
+    from memory_plan import activation_peak
+
+    cfg = Flux2Config(in_channels=16, hidden_size=128, num_heads=2, depth=1, depth_single=2, context_dim=32, axes_dim=(16, 16, 16, 16))
+    cases = [dict(kv=True)] if not kv_pattern else [dict(train=True, kv=True), dict(train=True, kv=True, checkpointing=True)]
+    for kw in cases + ([dict(train=True), dict(train=True, checkpointing=True)] if not kv_pattern else []):
+        planned = activation_peak(cfg, 8, 64, 96, rank=4, dtype=torch.float32, **kw)
+        measured = bench.peak_bytes(activation_peak(cfg, 8, 64, 96, rank=4, device="cpu", dtype=torch.float32, **kw), torch.device("cpu"))
+        assert abs(planned - measured) <= 0.2 * measured, (kw, planned, measured)
+
+
+def test_memory_plan_weights_and_cache():
+    """Weight bytes from the meta model: klein-4B's 3.88B parameters in bf16, 8-bit at most 0.55x of it;
+    the cache is 2 (K, V) x blocks x tokens x hidden bf16 values, as the model stores it."""
+    from memory_plan import kv_cache_bytes, weight_bytes
+    from model import KVCache
+
+    cfg = Flux2Config.from_name("klein-4b")
+    with torch.device("meta"):
+        assert weight_bytes(cfg, 16) == 2 * sum(p.numel() for p in Flux2(cfg).parameters())
+    assert weight_bytes(cfg, 8) <= 0.55 * weight_bytes(cfg, 16)
+    with torch.device("meta"):
+        model = Flux2(cfg).requires_grad_(False)
+    lora.inject(model, rank=16)
+    assert weight_bytes(cfg, 16, rank=16) - weight_bytes(cfg, 16) == 16 * sum(p.numel() for p in model.parameters() if p.requires_grad)
+    tiny = Flux2Config(in_channels=16, hidden_size=64, num_heads=2, depth=1, depth_single=2, context_dim=32, axes_dim=(8, 8, 8, 8))
+    model = Flux2(tiny).bfloat16()
+    cache = KVCache()
+    g = torch.Generator().manual_seed(0)
+    img, txt, ref = (torch.randn(1, n, c, generator=g).bfloat16() for n, c in ((16, 16), (8, 32), (20, 16)))
+    ids = torch.zeros(16, 4, dtype=torch.long)
+    with torch.no_grad():
+        model(img, ids, txt, torch.zeros(8, 4, dtype=torch.long), torch.tensor([0.5]).bfloat16(), ref=ref,
+              ref_ids=torch.zeros(20, 4, dtype=torch.long), kv_cache=cache)  # fmt: skip
+    held = sum(t.numel() * t.element_size() for kv in cache.kv for t in kv)
+    assert kv_cache_bytes(tiny, 20) == held
+
+
+def test_attention_cost_quick_writes_its_section(tmp_path):
+    """--attention-cost --quick: one section, every row measured and next to its FLOP ideal."""
+    md = tmp_path / "B.md"
+    md.write_text("# Sparse Context benchmark\n\n## Another section\n\nkept\n")
+    bench.main(["--attention-cost", "--quick", "--out-md", str(md)])
+    text = md.read_text()
+    assert "## Another section\n\nkept" in text and text.count(bench.ATTENTION_HEADING) == 1
+    rows = [line for line in text.splitlines() if line.startswith("| scoring") or line.startswith("| speedup")]
+    assert len(rows) == 4 and all(float(r.split("|")[3].strip().rstrip("x")) > 0 for r in rows)

@@ -233,6 +233,7 @@ CASES = [
     ("seed-negative", "train", T + ["--seed", "-1"], None, None),
     ("train-max-area-100", "train", T + ["--max-area", "100"], None, None),
     ("targets-match-nothing", "train", T + ["--targets", "nothing.*"], None, None),
+    ("weights-fp4", "train", T + ["--weights", "fp4"], None, None),
     ("targets-empty", "train", T + ["--targets", ""], None, None),
     ("no-model", "train", T[2:], None, None),
     ("unknown-option", "train", T + ["--bogus"], None, None),
@@ -243,8 +244,8 @@ CASES = [
     ("resume-nothing", "train", T + ["--resume"], None, None),
     ("run-exists-no-resume", "train", TR[:-1], run_with(lambda p: None), None),
     ("resume-steps-below", "train", TR + ["--steps", "2"], run_with(lambda p: None), None),
-    ("resume-steps-equal-finished", "train", TR, run_with(lambda p: None), None),
     ("resume-other-rank", "train", TR + ["--rank", "4"], run_with(lambda p: None), None),
+    ("resume-other-weights", "train", TR + ["--weights", "int8"], run_with(lambda p: None), None),
     # train.py: checkpoint.pt
     ("checkpoint-truncated", "train", TR + ["--steps", "6"], run_with(lambda p: p.write_bytes(p.read_bytes()[:300])), None),
     ("checkpoint-empty", "train", TR + ["--steps", "6"], run_with(lambda p: p.write_bytes(b"")), None),
@@ -407,6 +408,20 @@ def test_bad_input(fx, tmp_path, monkeypatch, name, cli, argv, setup, env):
     print(f"\n{name}: {err.strip().splitlines()[-1] if err.strip() else ''}")
     check_error(code, err)
     assert (tree(fx["base"]), tree(tmp_path), tree(fx["root"])) == before, f"{name} wrote files"
+
+
+def test_resume_of_a_finished_run_is_a_no_op(fx, tmp_path, capsys):
+    """A requeued job: --resume with the --steps the run already reached exits 0 and changes nothing;
+    a LoRA file a kill left stale is rewritten from the checkpoint."""
+    run_with(lambda p: None)(fx, tmp_path)
+    argv = [a.format(root=fx["root"], cache=fx["cache"], case=tmp_path) for a in TR]
+    before = {p: open(p, "rb").read() for p in tree(tmp_path / "run") if os.path.isfile(p)}
+    assert run_main("train", argv)[0] == 0
+    assert {p: open(p, "rb").read() for p in tree(tmp_path / "run") if os.path.isfile(p)} == before
+    lora_path = tmp_path / "run" / "pytorch_lora_weights.safetensors"
+    lora_path.write_bytes(b"stale")
+    assert run_main("train", argv)[0] == 0
+    assert lora_path.read_bytes() == before[str(lora_path)]
 
 
 def test_bad_input_table_size():

@@ -9,6 +9,7 @@ from safetensors.torch import load_file, save_file
 
 import model
 from model import Flux2, Flux2Config, KVCache
+from quant import FORMATS, Linear8, dequantize, quantize, to_8bit
 from tiny import TINY, make_inputs, randomize_
 
 @pytest.fixture(scope="module")
@@ -233,3 +234,254 @@ def test_cached_attention_equals_one_attention(device, dtype, rel):
         values = torch.cat([heads(v), vr.float().expand(3, -1, -1, -1)], dim=2)
         want = model.sdpa_lse_math(heads(q), keys, values)[0].transpose(1, 2)
         assert_close(model.cached_attention(q, k, v, kr, vr).float(), want, rel)
+
+
+def recorded_qk(ours, monkeypatch, *inputs, **kw):
+    """q, k (B, L, H, D) that every block hands to attention() in a plain forward, in block order."""
+    seen, real = [], model.attention
+    monkeypatch.setattr(model, "attention", lambda q, k, *a: seen.append((q, k)) or real(q, k, *a))
+    with torch.no_grad():
+        ours(*inputs, **kw)
+    monkeypatch.setattr(model, "attention", real)
+    return seen
+
+
+@pytest.mark.parametrize("block,queries,kv", [(0, "target", False), (0, "text", False), (2, "target", False),
+                                              (3, "both", True), (1, "references", True)])  # fmt: skip
+def test_reference_attention_equals_softmax_of_the_block(tiny, monkeypatch, block, queries, kv):
+    """The scores are softmax(q k^T / sqrt(d)) of the same block over every key its queries see, written
+    out here, averaged over heads and queries, at the reference keys; chunked equals unchunked."""
+    _, ours, _ = tiny
+    img, img_ids, txt, txt_ids, t, ref, ref_ids = make_inputs(refs=((3, 4), (2, 3)))
+    ref, ref_ids = torch.cat(ref, 1), torch.cat(ref_ids)
+    q, k = recorded_qk(ours, monkeypatch, img, img_ids, txt, txt_ids, t, ref=ref, ref_ids=ref_ids, kv_pattern=kv)[block]
+    L, N, M = txt.shape[1], img.shape[1], ref.shape[1]
+    rows = {"target": range(L, L + N), "text": range(L), "both": range(L + N), "references": range(L + N, L + N + M)}[queries]
+    keys = list(range(L + N, L + N + M)) if kv and queries == "references" else list(range(L + N + M))
+    want = torch.zeros(2, M)
+    for b in range(2):
+        for h in range(q.shape[2]):
+            for i in rows:
+                p = torch.softmax(torch.stack([q[b, i, h] @ k[b, j, h] for j in keys]) / q.shape[-1] ** 0.5, dim=0)
+                want[b] += p[-M:]
+    want /= q.shape[2] * len(rows)
+    got = model.reference_attention(ours, img, img_ids, txt, txt_ids, t, ref, ref_ids, block=block, queries=queries, kv_pattern=kv)
+    one_row = model.reference_attention(ours, img, img_ids, txt, txt_ids, t, ref, ref_ids, block=block, queries=queries,
+                                        kv_pattern=kv, chunk_bytes=1)  # fmt: skip
+    assert got.shape == (2, M) and (got >= 0).all()
+    assert_close(got, want)
+    assert_close(one_row, got)
+
+
+def test_reference_attention_bad_arguments(tiny):
+    _, ours, _ = tiny
+    img, img_ids, txt, txt_ids, t, ref, ref_ids = make_inputs(refs=((3, 4),))
+    for kw, message in ((dict(block=4), "block 4"), (dict(queries="keys"), "queries")):
+        with pytest.raises(ValueError, match=message):
+            model.reference_attention(ours, img, img_ids, txt, txt_ids, t, ref[0], ref_ids[0], **kw)
+
+
+# ----------------------------------------------------------------------------------------------
+# 8-bit weights (quant.py)
+
+
+def half_step(w, scale, kind):
+    """The largest error round-to-nearest may leave in each weight, in weight units: half the spacing of
+    the format's values around w / scale (int8: 1; e4m3: 2^-3 relative on normals, 2^-9 below 2^-6)."""
+    v = (w / scale[:, None]).abs()
+    return scale[:, None] * (0.5 if kind == "int8" else torch.maximum(v * 2**-4, torch.full_like(v, 2**-10)))
+
+
+@pytest.mark.parametrize("kind", ["int8", "fp8"])
+def test_quantize_rounds_to_nearest(kind):
+    """Every weight within half a step of its 8-bit value; each row's largest |w| is the format's
+    largest value; an all-zero row stays zero; quantizing the result again changes nothing."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(40, 64, generator=g) * torch.logspace(-3, 1, 40)[:, None]  # rows of very different sizes
+    w[3] = 0
+    w[5, 7] = 50.0  # an outlier
+    q, scale = quantize(w, kind)
+    assert q.dtype == FORMATS[kind][0] and scale.dtype == torch.float32 and scale.shape == (40,)
+    back = dequantize(q, scale, torch.float32)
+    err = (back - w).abs()
+    assert (err <= half_step(w, scale, kind) * (1 + 1e-6)).all(), (err / half_step(w, scale, kind)).max()
+    top = q.float().abs().amax(dim=1)
+    assert (top[torch.arange(40) != 3] == FORMATS[kind][1]).all() and not q[3].float().any()
+    q2, scale2 = quantize(back, kind)
+    assert torch.equal(q2.float(), q.float()) and torch.allclose(scale2, scale, rtol=1e-6)
+
+
+def test_linear8_is_the_linear_of_its_dequantized_weight():
+    """forward and backward equal F.linear on weight * scale; backward saves no 16/32-bit copy of it;
+    under autocast the matmul runs in autocast's dtype."""
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(24, 32, generator=g)
+    layer = Linear8(32, 24, "int8")
+    layer.weight.data, layer.weight_scale.data = quantize(w, "int8")
+    W = dequantize(layer.weight, layer.weight_scale, torch.float32)
+    x = torch.randn(2, 5, 32, generator=g, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = layer(x)
+    assert not [t for t in saved if t.shape == w.shape and t.dtype in (torch.float32, torch.bfloat16)]
+    (gy,) = torch.autograd.grad(y.square().sum(), x)
+    x2 = x.detach().requires_grad_()
+    want = torch.nn.functional.linear(x2, W)
+    (gw,) = torch.autograd.grad(want.square().sum(), x2)
+    assert torch.equal(y, want) and torch.allclose(gy, gw, rtol=1e-6, atol=1e-6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        yb = layer(x)
+    assert yb.dtype == torch.bfloat16
+    assert torch.equal(yb, torch.nn.functional.linear(x.bfloat16(), dequantize(layer.weight, layer.weight_scale, torch.bfloat16)))
+
+
+@pytest.fixture(scope="module")
+def eight_bit(tiny):
+    """{(kind, dtype): the tiny model with 8-bit block Linears}, and the plain model in each dtype."""
+    _, _, root = tiny
+    plain = {dt: Flux2.from_pretrained(str(root), dtype=dt) for dt in (torch.float32, torch.bfloat16)}
+    q = {(k, dt): Flux2.from_pretrained(str(root), dtype=dt, weights=k) for k in FORMATS for dt in plain}
+    return q, plain
+
+
+def run_tiny(model, dtype):
+    img, img_ids, txt, txt_ids, t, ref, ref_ids = make_inputs(refs=((2, 5), (3, 3)))
+    with torch.no_grad():
+        return model(img.to(dtype), img_ids, txt.to(dtype), txt_ids, t, ref=torch.cat(ref, 1).to(dtype),
+                     ref_ids=torch.cat(ref_ids)).float()  # fmt: skip
+
+
+def linears8(model):
+    return {n: m for n, m in model.named_modules() if isinstance(m, Linear8)}
+
+
+def bits(t):
+    """t, with fp8 seen as bytes (torch.equal has no fp8 kernel)."""
+    return t.view(torch.uint8) if t.dtype == torch.float8_e4m3fn else t
+
+
+@pytest.mark.parametrize("kind", ["int8", "fp8"])
+def test_8bit_model_is_the_model_of_its_dequantized_weights(tiny, eight_bit, kind):
+    """Exactly the block Linears are 8-bit; the model computes what the plain model computes with
+    those weights dequantized (float32)."""
+    q, plain = eight_bit
+    model = q[(kind, torch.float32)]
+    names = {n for n, m in plain[torch.float32].named_modules() if isinstance(m, torch.nn.Linear) and n.startswith(("double_blocks.", "single_blocks."))}
+    assert set(linears8(model)) == names and len(names) == 8 * TINY["num_layers"] + 2 * TINY["num_single_layers"]
+    assert all(not p.requires_grad for p in model.parameters() if p.dtype == FORMATS[kind][0])
+    deq = Flux2.from_pretrained(str(tiny[2]))
+    with torch.no_grad():
+        for n, m in linears8(model).items():
+            deq.get_submodule(n).weight.copy_(dequantize(m.weight, m.weight_scale, torch.float32))
+    assert_close(run_tiny(model, torch.float32), run_tiny(deq, torch.float32), rel=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kind", ["int8", "fp8"])
+def test_8bit_model_output_within_its_quantization_error(eight_bit, kind, dtype):
+    """The 8-bit model against the plain one in the same dtype: relative RMS error of the velocity at
+    most eps * sqrt(n). eps: the largest relative RMS error quantization leaves in one layer's weights
+    (||W8 - W|| / ||W||, the rounding step as realized: ~0.6% int8, ~2.5% fp8); n: the 8-bit Linears a
+    token passes in sequence (4 per double block, 2 per single). Each adds an error of at most its
+    weights' relative size to its output (normalized inputs, gated residuals), independent errors add
+    in quadrature. bf16 rounds the activations of both models alike: the same bound."""
+    q, plain = eight_bit
+    model, ref = q[(kind, dtype)], plain[dtype]
+    eps = max(
+        (dequantize(m.weight, m.weight_scale, torch.float32) - ref.get_submodule(n).weight.float()).norm().item()
+        / ref.get_submodule(n).weight.float().norm().item()
+        for n, m in linears8(model).items()
+    )
+    n = 4 * TINY["num_layers"] + 2 * TINY["num_single_layers"]
+    got, want = run_tiny(model, dtype), run_tiny(ref, dtype)
+    rel = ((got - want).norm() / want.norm()).item()
+    print(f"\n{kind} {dtype}: velocity rel RMS error {rel:.2e}, bound eps {eps:.2e} x sqrt({n}) = {eps * n**0.5:.2e}")
+    assert rel <= eps * n**0.5
+
+
+def tensor_bytes(model):
+    return sum(t.numel() * t.element_size() for t in model.state_dict().values())
+
+
+def test_8bit_weight_bytes(eight_bit):
+    """The tiny 8-bit model holds 1 byte per block-Linear weight, 4 per row scale and the bf16 rest:
+    no 16-bit copy kept besides."""
+    q, plain = eight_bit
+    bf16 = tensor_bytes(plain[torch.bfloat16])
+    for kind in FORMATS:
+        layers = linears8(q[(kind, torch.bfloat16)]).values()
+        want = bf16 - sum(m.weight.numel() for m in layers) + sum(4 * m.out_features for m in layers)
+        assert tensor_bytes(q[(kind, torch.bfloat16)]) == want
+
+
+@pytest.mark.parametrize("kind", ["int8", "fp8"])
+@pytest.mark.parametrize("name", ["klein-4b", "klein-9b"])
+def test_8bit_weight_bytes_at_klein_size(name, kind):
+    """At klein's real shapes (meta tensors through the same converter) the 8-bit model's tensors take
+    at most 0.55x the bf16 model's bytes."""
+    with torch.device("meta"):
+        model = Flux2(Flux2Config.from_name(name))
+    sd = {k: v.bfloat16() for k, v in model.state_dict().items()}
+    bf16 = sum(v.numel() * 2 for v in sd.values())
+    ratio = sum(v.numel() * v.element_size() for v in to_8bit(model, sd, kind, torch.bfloat16, "meta").values()) / bf16
+    print(f"\n{name} {kind}: {ratio:.3f} x bf16's {bf16 / 1e9:.2f} GB = {ratio * bf16 / 1e9:.2f} GB")
+    assert ratio <= 0.55
+
+
+def bfl_fp8_file(ours, path, per_row):
+    """A tiny file in the layout of BFL's fp8 single files (quant.py): names prefixed model.diffusion_model.,
+    the blocks' Linears float8_e4m3fn with a float32 weight_scale (one per tensor as ComfyUI writes it,
+    or one per row as diffusers' fp8r) and an input_scale, everything else bf16."""
+    sd = {}
+    for k, v in ours.state_dict().items():
+        name = k.removesuffix(".weight")
+        if k.endswith(".weight") and name.startswith(("double_blocks.", "single_blocks.")) and v.ndim == 2:
+            scale = v.abs().amax(dim=1) / 448 if per_row else v.abs().amax() / 448
+            sd[k] = (v / (scale[:, None] if per_row else scale)).to(torch.float8_e4m3fn)
+            sd[f"{name}.weight_scale"], sd[f"{name}.input_scale"] = scale.float(), torch.tensor(0.01)
+        else:
+            sd[k] = v.bfloat16()
+    save_file({"model.diffusion_model." + k: v.contiguous() for k, v in sd.items()}, str(path))
+    return sd
+
+
+@pytest.mark.parametrize("per_row", [False, True])
+def test_bfl_fp8_file_loads_as_it_is(tiny, tmp_path, per_row):
+    """The file's fp8 values and scales become the Linear8 tensors unchanged (a per-tensor scale repeated
+    per row); the model equals a plain one holding weight * weight_scale; without --weights fp8 the
+    file is one error; a scale of another shape is one error naming it."""
+    _, ours, _ = tiny
+    path = tmp_path / "flux-2-klein-tiny-fp8.safetensors"
+    sd = bfl_fp8_file(ours, path, per_row)
+    model = Flux2.from_pretrained(str(path), dtype=torch.float32, weights="fp8")
+    layers = linears8(model)
+    assert len(layers) == 8 * TINY["num_layers"] + 2 * TINY["num_single_layers"]
+    deq = {}
+    for n, m in layers.items():
+        assert torch.equal(bits(m.weight), bits(sd[f"{n}.weight"]))
+        assert torch.equal(m.weight_scale, sd[f"{n}.weight_scale"].expand(m.out_features))
+        deq[f"{n}.weight"] = sd[f"{n}.weight"].float() * sd[f"{n}.weight_scale"].reshape(-1, 1)
+    plain_path = tmp_path / "dequantized.safetensors"
+    save_file({k: v.float().contiguous() for k, v in sd.items() if not k.endswith("_scale")} | deq, str(plain_path))
+    plain = Flux2.from_pretrained(str(plain_path), dtype=torch.float32)
+    assert_close(run_tiny(model, torch.float32), run_tiny(plain, torch.float32), rel=1e-6)
+    for weights in (None, "int8"):
+        with pytest.raises(ValueError, match="--weights fp8"):
+            Flux2.from_pretrained(str(path), weights=weights)
+    bad = dict(sd, **{"single_blocks.0.linear1.weight_scale": torch.ones(2)})
+    save_file({k: v.contiguous() for k, v in bad.items()}, str(tmp_path / "bad.safetensors"))
+    with pytest.raises(ValueError, match="single_blocks.0.linear1.weight_scale: shape"):
+        Flux2.from_pretrained(str(tmp_path / "bad.safetensors"), weights="fp8")
+    with pytest.raises(ValueError, match="--weights 'fp4'"):
+        Flux2.from_pretrained(str(tiny[2]), weights="fp4")
+
+
+@pytest.mark.parametrize("kind", ["int8", "fp8"])
+def test_8bit_from_a_bfl_single_file_equals_from_a_diffusers_folder(tiny, eight_bit, tmp_path, kind):
+    """Quantizing on load gives the same tensors from a BFL bf16/fp32 single file as from the diffusers folder."""
+    _, ours, _ = tiny
+    path = tmp_path / "flux-2-klein-tiny.safetensors"
+    save_file(bfl_from_diffusers_via_ours(ours), str(path))
+    got, want = Flux2.from_pretrained(str(path), weights=kind).state_dict(), eight_bit[0][(kind, torch.float32)].state_dict()
+    assert sorted(got) == sorted(want)
+    assert all(torch.equal(bits(v), bits(want[k])) for k, v in got.items())

@@ -130,6 +130,23 @@ def test_cli_writes_image_and_reports(distilled, tmp_path):
     assert np.abs(got - ours_image(root, REFS[:1], seed=3)).max() == 0
 
 
+def test_cli_weights_loads_an_8bit_transformer(distilled, tmp_path, monkeypatch):
+    """sample.py --weights int8: generate() loads the transformer with 8-bit block Linears and writes
+    the image (how close it is to the 16-bit one: test_sparse_model's 8-bit tests)."""
+    from model import Flux2
+    from quant import Linear8
+
+    root, _ = distilled
+    models = []
+    load = Flux2.from_pretrained.__func__
+    monkeypatch.setattr(Flux2, "from_pretrained", classmethod(lambda cls, *a, **k: models.append(load(cls, *a, **k)) or models[-1]))
+    REFS[0].save(tmp_path / "ref.png")
+    sample.main(["--model", str(root), "--prompt", "a red cube", "--ref", str(tmp_path / "ref.png"), "--out",
+                 str(tmp_path / "out.png"), "--weights", "int8"])  # fmt: skip
+    assert len(models) == 1 and any(isinstance(m, Linear8) for m in models[0].modules())
+    assert Image.open(tmp_path / "out.png").size == (80, 64)  # the reference's 80 x 70, cropped to 16 px
+
+
 @pytest.mark.parametrize("case", ["missing_ref", "bad_ref", "bad_model", "bad_size", "bad_out"])
 def test_cli_bad_input(distilled, tmp_path, case):
     root, _ = distilled
@@ -175,6 +192,44 @@ def test_lora_equals_diffusers_load_lora_weights(distilled, tmp_path):
     plain = ours_image(root, REFS[:1], seed=3)
     assert np.abs(got - want).max() <= 1
     assert np.abs(plain - want).max() > 5  # the LoRA really changes the image
+
+
+def test_lora_unmerged_beside_16_bit_weights(distilled, tmp_path, monkeypatch):
+    """A LoRA is merged into fp32 weights and kept unmerged beside bf16 ones (--lora-merge forces a merge).
+
+    Why: a bf16 merge rounds every update below half a bf16 step of its weight away (a 1024x1024 bf16
+    weight merged with a rank-4 update of 0.1% of the weights' spread keeps 58% of it), while unmerged
+    the float32 LoRA factors stay the trained ones.
+    """
+    import lora
+    from model import Flux2
+
+    root, _ = distilled
+    model = Flux2.from_pretrained(str(root))
+    lora.inject(model, rank=2)
+    with torch.no_grad():
+        for m in lora.lora_modules(model).values():
+            m.lora_B.normal_(0, 0.3, generator=torch.Generator().manual_seed(0))
+    lora.save_lora(model, tmp_path / "lora.safetensors")
+    seen = []
+    real = lora.load_lora
+    monkeypatch.setattr(lora, "load_lora", lambda m, p, scale=1.0, merge=True: seen.append((next(m.parameters()).dtype, merge)) or real(m, p, scale, merge))
+    for dtype, force in ((torch.float32, None), (torch.bfloat16, None), (torch.bfloat16, True)):
+        with pipeline.loaded(Flux2, root, dtype, torch.device("cpu"), str(tmp_path / "lora.safetensors"), lora_merge=force) as m:
+            assert bool(lora.lora_modules(m)) == (seen[-1][1] is False)
+            assert all(not p.requires_grad for n, p in m.named_parameters() if "lora_" not in n)
+    assert seen == [(torch.float32, True), (torch.bfloat16, False), (torch.bfloat16, True)]
+
+
+def test_frozen_parameters_from_pretrained(distilled):
+    """Every from_pretrained gives frozen parameters: a plain forward builds no autograd graph."""
+    from model import Flux2
+    from text_encoder import TextEncoder
+    from vae import AutoEncoder
+
+    root, _ = distilled
+    for cls in (Flux2, TextEncoder, AutoEncoder):
+        assert not any(p.requires_grad for p in cls.from_pretrained(str(root)).parameters()), cls.__name__
 
 
 def diffusers_loop(pipe, refs, kept, seed, steps=4, kv=False):
@@ -227,6 +282,41 @@ def test_sparse_sampling_equals_diffusers_on_the_same_subset(distilled, kv, sele
     assert np.abs(np.array(image).astype(np.int32) - want).max() <= 1
     dense = diffusers_loop(pipe, REFS, [torch.arange(n) for n, _ in stats.ref_tokens], seed=9, kv=kv)
     assert np.abs(dense - want).max() > 5  # dropping tokens really changed the image
+
+
+@pytest.mark.parametrize("kv,budget,queries", [(False, "uniform", "target"), (True, "adaptive", "references"), (True, "uniform", "both")])
+def test_attention_selector_equals_its_kept_indices_by_hand(distilled, kv, budget, queries):
+    """--selector attention: the transformer scores every reference token once (its first image's noise
+    at the first sigma), the usual sampling rule draws the kept set from those scores, and the image is
+    diffusers' on exactly that subset, with and without the KV cache, with every budget."""
+    from model import Flux2, reference_attention
+    from token_selectors import select_reference_tokens
+
+    root, pipe = distilled
+    if kv:
+        pipe = Flux2KleinKVPipeline(**pipe.components)
+        pipe.transformer = Flux2Transformer2DModel.from_pretrained(root / "transformer")
+        pipe._set_kv_attn_processors()
+    image, stats = pipeline.generate(str(root), "a red cube", REFS, seed=9, kv_cache=kv, keep=0.3, selector="attention",
+                                     budget=budget, attention_queries=queries, progress=False)  # fmt: skip
+    assert "token scoring" in stats.seconds
+    # the same scores and selection, by hand
+    images = pipeline.load_references(REFS)
+    transformer = Flux2.from_pretrained(str(root))
+    with torch.no_grad():
+        txt, txt_ids = pipe.encode_prompt(prompt="a red cube", device="cpu", max_sequence_length=512)
+        latents = [pipeline.to_tensor(im) for im in images]
+        ref, ref_ids = pipe.prepare_image_latents(images=latents, batch_size=1, generator=None, device="cpu", dtype=torch.float32)
+    h, w = images[0].size[1] // 16, images[0].size[0] // 16
+    x = pipeline.initial_noise(9, transformer.cfg.in_channels, h, w, torch.float32)
+    sigma = pipeline.schedule(4, h * w)[:1]
+    scores = reference_attention(transformer, x, pipeline.grid_ids(h, w), txt, txt_ids[0], sigma, ref, ref_ids[0],
+                                 queries=queries, kv_pattern=kv)[0]  # fmt: skip
+    sizes = [(im.size[0] // 16) * (im.size[1] // 16) for im in images]
+    kept = select_reference_tokens(images, 0.3, "attention", budget=budget, scores=list(scores.split(sizes)))
+    assert all(torch.equal(a, b) for a, b in zip(stats.kept, kept))
+    want = diffusers_loop(pipe, REFS, kept, seed=9, kv=kv)
+    assert np.abs(np.array(image).astype(np.int32) - want).max() <= 1
 
 
 def test_keep_one_is_dense_and_bad_keeps(distilled, tmp_path):
@@ -454,12 +544,21 @@ BAD = {  # case: (arguments after --model, substring of the one error line)
     "three keeps for two refs": (["--ref", "{d}/ref2.png", "--keep", "0.5", "0.5", "0.5"], "3 values for 2 reference"),
     "uniform mix 2": (["--keep", "0.5", "--uniform-mix", "2"], "--uniform-mix"),
     "device bogus": (["--device", "bogus"], "--device"),
+    "device mps": (["--device", "mps"], "--device mps"),
+    "dtype fp16": (["--dtype", "fp16"], "--dtype fp16"),
+    "dtype float16": (["--dtype", "float16"], "--dtype fp16"),
+    "lora merge alone": (["--lora-merge"], "--lora-merge cannot apply without --lora"),
+    "attention block without the selector": (["--keep", "0.5", "--attention-block", "1"], "--attention-block cannot apply"),
+    "attention queries without a keep": (["--selector", "attention", "--attention-queries", "text"], "--selector cannot apply with --keep 1"),
+    "attention block too deep": (["--keep", "0.5", "--selector", "attention", "--attention-block", "3"], "--attention-block"),
+    "attention queries unknown": (["--keep", "0.5", "--selector", "attention", "--attention-queries", "keys"], "--attention-queries"),
     "seed negative": (["--seed", "-1"], "--seed"),
     "seeds repeated": (["--seeds", "1", "1"], "repeats"),
     "seeds and seed": (["--seeds", "1", "2", "--seed", "3"], "--seeds cannot be combined"),
     "num images 0": (["--num-images", "0"], "--num-images"),
     "too many images": (["--num-images", "100000"], "--num-images"),
     "batch size 0": (["--batch-size", "0"], "--batch-size"),
+    "weights fp4": (["--weights", "fp4"], "--weights"),
     "selection seed negative": (["--keep", "0.5", "--selection-seed", "-1"], "--selection-seed"),
     "out unknown format": (["--out", "{d}/o.xyz"], "unknown image format"),
     "out is a folder": (["--out", "{d}/dir.png"], "is a folder"),

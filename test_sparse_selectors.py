@@ -356,6 +356,31 @@ def test_select_reference_tokens_errors():
         ts.select_reference_tokens(images, 0.1, budget="greedy")
 
 
+def test_attention_scores_go_through_the_same_rule():
+    """selector "attention" draws from given scores with the rule of every selector: tokens with more
+    attention are kept more often; the counts and budgets are those of the pixel selectors."""
+    images = refs()
+    sizes = [im.shape[0] // 16 * im.shape[1] // 16 for im in images]
+    scores = [torch.linspace(0, 1, n) ** 2 for n in sizes]  # attention grows along each grid
+    hits = torch.zeros(sizes[0])
+    for seed in range(200):
+        kept = ts.select_reference_tokens(images, 0.2, "attention", seed=seed, scores=scores)
+        assert [len(k) for k in kept] == [max(1, round(0.2 * n)) for n in sizes]
+        hits[kept[0]] += 1
+    quarter = sizes[0] // 4
+    assert hits[-quarter:].sum() > 3 * hits[:quarter].sum()
+    same = ts.select_reference_tokens(images, 0.2, "attention", seed=3, scores=scores, budget="adaptive")
+    assert sum(map(len, same)) == round(sum(0.2 * n for n in sizes))
+    cover = ts.select_reference_tokens(images, 0.2, "attention", seed=3, scores=scores, coverage=True)
+    assert [len(k) for k in cover] == [max(1, round(0.2 * n)) for n in sizes]
+    with pytest.raises(ValueError, match="takes the model's scores"):
+        ts.select_reference_tokens(images, 0.2, "attention")
+    with pytest.raises(ValueError, match="takes the model's scores"):
+        ts.select_reference_tokens(images, 0.2, "canny", scores=scores)
+    with pytest.raises(ValueError, match="scores hold"):
+        ts.select_reference_tokens(images, 0.2, "attention", scores=[s[:-1] for s in scores])
+
+
 @pytest.mark.parametrize("selector", ["canny", "saliency", "random"])
 def test_adaptive_budget(selector):
     images = refs()

@@ -23,6 +23,7 @@ from data import CachedDataset, ManifestError, cache_dataset, read_manifest
 from files import load_image
 from model import Flux2, config_from_diffusers, diffusers_to_bfl
 from pipeline import prepare_reference, to_tensor
+from quant import FORMATS, Linear8, dequantize
 from tiny import TINY, make_inputs, randomize_, write_dataset
 from text_encoder import TextEncoder
 from vae import AutoEncoder
@@ -240,6 +241,58 @@ def test_unmerged_load_equals_merged(pair, tmp_path):
         m.merge()
     for k, v in ours.state_dict().items():
         assert rel_err(unmerged.state_dict()[k], v) < 1e-6, k
+
+
+def test_lora_over_an_8bit_base(pair, tmp_path):
+    """A LoRA over int8 block Linears: its gradients equal those over the plain model holding the
+    dequantized weights; an optimizer step changes the LoRA only (the base stays frozen and int8); a
+    loaded LoRA stays unmerged there and equals the one merged into the dequantized weights."""
+    base, deq = Flux2.from_pretrained(str(tmp_path), weights="int8"), deq_model(tmp_path)
+    img, img_ids, txt, txt_ids, t, ref, ref_ids = make_inputs(refs=((2, 5),))
+    grads = []
+    for model in (base, deq):
+        model.requires_grad_(False)
+        lora.inject(model, rank=2, seed=3)
+        with torch.no_grad():
+            for m in lora.lora_modules(model).values():
+                m.lora_B.copy_(torch.randn(m.lora_B.shape, generator=torch.Generator().manual_seed(4)) * 0.1)
+        out = model(img, img_ids, txt, txt_ids, t, ref=ref[0], ref_ids=ref_ids[0], kv_pattern=True)
+        out.square().mean().backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
+    assert sorted(grads[0]) == sorted(grads[1]) and all(n.endswith(("lora_A", "lora_B")) for n in grads[0])
+    for n, g in grads[0].items():
+        assert rel_err(g, grads[1][n]) < 1e-5, n
+    frozen = {k: v.clone() for k, v in base.state_dict().items() if "lora_" not in k}
+    trainable = [p for p in base.parameters() if p.requires_grad]
+    lora_before = [p.clone() for p in trainable]
+    torch.optim.AdamW(trainable, lr=1e-2).step()
+    after = base.state_dict()
+    assert all(torch.equal(v, after[k]) and v.dtype == after[k].dtype for k, v in frozen.items())
+    assert sum(v.dtype == torch.int8 for v in after.values()) == 8 * TINY["num_layers"] + 2 * TINY["num_single_layers"]
+    assert all(not torch.equal(a, b) for a, b in zip(lora_before, trainable))
+
+    sd = bfl_lora(pair[1])
+    eight, plain = Flux2.from_pretrained(str(tmp_path), weights="int8"), deq_model(tmp_path)
+    lora.load_lora(eight, sd, scale=0.7)
+    lora.load_lora(plain, sd, scale=0.7)
+    mods = lora.lora_modules(eight)
+    assert mods and all(m.weight.dtype == torch.int8 for m in mods.values())
+    with pytest.raises(ValueError, match="cannot be merged"):
+        next(iter(mods.values())).merge()
+    with torch.no_grad():
+        a = eight(img, img_ids, txt, txt_ids, t, ref=ref[0], ref_ids=ref_ids[0])
+        b = plain(img, img_ids, txt, txt_ids, t, ref=ref[0], ref_ids=ref_ids[0])
+    assert rel_err(a, b) < 1e-5
+
+
+def deq_model(folder):
+    """The plain model holding the int8 model's dequantized weights."""
+    eight, model = Flux2.from_pretrained(str(folder), weights="int8"), Flux2.from_pretrained(str(folder))
+    with torch.no_grad():
+        for n, m in eight.named_modules():
+            if isinstance(m, Linear8):
+                model.get_submodule(n).weight.copy_(dequantize(m.weight, m.weight_scale, torch.float32))
+    return model
 
 
 def test_bad_lora_keys(pair):
@@ -565,3 +618,23 @@ def test_cli_summaries(klein, tmp_path, capsys):
     out = capsys.readouterr()
     assert "loss=" in out.err
     assert out.out.strip().splitlines()[-1].startswith(f"wrote {tmp_path / 'run' / 'pytorch_lora_weights.safetensors'} (step 2")
+
+
+@pytest.mark.parametrize("kind", ["int8", "fp8"])
+def test_cli_trains_over_an_8bit_base(klein, tmp_path, monkeypatch, kind):
+    """train.py --weights: the model it trains has 8-bit block Linears, still 8-bit and unchanged after
+    the run; the LoRA it writes loads."""
+    root, _, cache = klein
+    models = []
+    load = Flux2.from_pretrained.__func__
+    monkeypatch.setattr(Flux2, "from_pretrained", classmethod(lambda cls, *a, **k: models.append(load(cls, *a, **k)) or models[-1]))
+    fresh = Flux2.from_pretrained(str(root), weights=kind)
+    train.main(run_args(root, cache, tmp_path / "run", "--steps", "2", "--weights", kind))
+    trained = models[-1]
+    eight = {n: m for n, m in trained.named_modules() if getattr(m, "weight_scale", None) is not None}
+    assert len(eight) == 8 * trained.cfg.depth + 2 * trained.cfg.depth_single
+    assert all(isinstance(m, lora.LoRALinear) for n, m in eight.items() if n.endswith("img_attn.qkv"))
+    before = fresh.state_dict()
+    for n, m in eight.items():
+        assert m.weight.dtype == FORMATS[kind][0] and torch.equal(m.weight.view(torch.uint8), before[f"{n}.weight"].view(torch.uint8))
+    assert lora.load_lora(Flux2.from_pretrained(str(root), weights=kind), str(tmp_path / "run"))

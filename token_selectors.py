@@ -317,7 +317,7 @@ def _split_budget(total, weights, sizes):
 
 
 def select_reference_tokens(images, keep, selector="canny", seed=0, uniform_mix=0.25,
-                            budget="uniform", coverage=False, multiple=1):
+                            budget="uniform", coverage=False, scores=None, multiple=1):
     """Kept token indices for each reference image: a list of sorted LongTensors.
 
     keep: a fraction in (0, 1] for every reference, or a list with one fraction per reference.
@@ -334,6 +334,8 @@ def select_reference_tokens(images, keep, selector="canny", seed=0, uniform_mix=
                   the others. The selector then picks which tokens inside each reference.
     coverage: spread the kept tokens over the image first, one per cell of a coarse grid, the
               scores choosing inside each cell (_cover); False is the paper's rule.
+    scores: per-reference (N_i,) scores from elsewhere (selector "attention": the model's own,
+            model.reference_attention) instead of a pixel map; the same sampling rule applies.
     multiple: every count ("uniform") or the total ("adaptive") rounded up to a multiple of it, or
               to all tokens (n_keep).
     """
@@ -345,9 +347,16 @@ def select_reference_tokens(images, keep, selector="canny", seed=0, uniform_mix=
     a = _check_fraction("uniform_mix", uniform_mix, low_open=False)
     if budget not in ("uniform", "adaptive"):
         raise ValueError(f"unknown budget {budget!r}; choose 'uniform' or 'adaptive'")
-    if selector not in SELECTORS:
-        raise ValueError(f"unknown selector {selector!r}; choose one of {', '.join(SELECTORS)}")
-    scores = [token_scores(im, selector) for im in images]
+    if (scores is None) == (selector == "attention"):
+        raise ValueError("the attention selector takes the model's scores (scores=...), the others none")
+    if selector not in SELECTORS + ("attention",):
+        raise ValueError(f"unknown selector {selector!r}; choose one of {', '.join(SELECTORS)} or attention")
+    if scores is None:
+        scores = [token_scores(im, selector) for im in images]
+    shapes = [_rgb_tensor(im).shape[1:] for im in images]  # (H, W) of each reference
+    grids = [(h // PATCH) * (w // PATCH) for h, w in shapes]
+    if len(scores) != n_refs or [len(s) for s in scores] != grids:
+        raise ValueError(f"scores hold {[len(s) for s in scores]} tokens for reference grids of {grids}")
     counts = [n_keep(k, len(s), multiple) for k, s in zip(keeps, scores)]
     if budget == "adaptive" and n_refs:
         sizes = [len(s) for s in scores]
@@ -357,7 +366,7 @@ def select_reference_tokens(images, keep, selector="canny", seed=0, uniform_mix=
         mass = mass / mass.sum() if mass.sum() > 0 else area  # no edges anywhere: by area
         total = round_up(round(sum(k * n for k, n in zip(keeps, sizes))), multiple, sum(sizes))
         counts = _split_budget(total, ((1 - a) * mass + a * area).tolist(), sizes)
-    widths = [_rgb_tensor(im).shape[2] // PATCH if coverage else None for im in images]
+    widths = [w // PATCH if coverage else None for _, w in shapes]
     return [_sample(s, k, seed + i, uniform_mix, w) for i, (s, k, w) in enumerate(zip(scores, counts, widths))]
 
 

@@ -45,6 +45,8 @@ static shapes would compile once per combination (sampling, whose shapes a run f
 shapes and buckets the kept counts instead: pipeline.generate).
 """
 
+import argparse
+import datetime
 import gc
 import hashlib
 import io
@@ -62,15 +64,18 @@ from data import CachedDataset, check_max_area, check_out_dir, encode_manifest, 
 from files import STALE_TEMP, ArgumentParser, check_file, fault_point, field, remove_stale_temps, write_atomic
 from model import Flux2, load_checkpoint
 from pipeline import empirical_mu, grid_ids, text_ids
+from quant import FORMATS
 from token_selectors import n_keep
 from vae import pack
 
 MU_STEPS = 50  # the step count whose schedule shift training follows (base klein's default)
 CHECKPOINT, LORA_FILE, LOG = "checkpoint.pt", "pytorch_lora_weights.safetensors", "log.jsonl"
 MAX_OPTIMIZER_STEPS = 10**8  # bounds --steps, --warmup and --save-every
+DIST_TIMEOUT_MINUTES = 240  # caching a large manifest on process 0 takes hours; NCCL's default is 10 minutes
 # what defines a run: --resume refuses to change these (the number of processes may change)
 RUN = (
     "rank", "alpha", "targets", "lr", "weight_decay", "warmup", "max_grad_norm", "keep_range", "keep_all_prob", "kv", "seed",
+    "weights",
 )  # fmt: skip
 
 
@@ -166,7 +171,7 @@ class NonFiniteError(ValueError):
     pass
 
 
-def init_distributed():
+def init_distributed(timeout_minutes=DIST_TIMEOUT_MINUTES):
     """(rank, world size, device). torchrun sets WORLD_SIZE, RANK, LOCAL_RANK and MASTER_ADDR; NCCL on
     GPUs, gloo on CPUs."""
     env = {k: os.environ.get(k) for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
@@ -183,7 +188,8 @@ def init_distributed():
     local = int(env["LOCAL_RANK"])
     if cuda:
         torch.cuda.set_device(local)
-    dist.init_process_group("nccl" if cuda else "gloo")
+    # the timeout bounds every collective, the barrier while process 0 caches a manifest included
+    dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(minutes=timeout_minutes))
     return dist.get_rank(), dist.get_world_size(), torch.device("cuda", local) if cuda else torch.device("cpu")
 
 
@@ -336,19 +342,29 @@ def restore(state, model, opt):
 
 
 def train(args):
-    rank, world, device = init_distributed()
+    rank, world, device = init_distributed(args.dist_timeout)
     try:
         run_training(args, rank, world, device)
-    finally:
-        if world > 1:
-            dist.destroy_process_group()
+    except BaseException as e:
+        if world > 1:  # the others would wait in their next collective: exit, and torchrun stops them all
+            print(f"error: process {rank}: {e}" if isinstance(e, (ValueError, OSError)) else f"process {rank} failed: {e!r}",
+                  file=sys.stderr, flush=True)  # fmt: skip
+            os._exit(1)
+        raise
+    if world > 1:
+        dist.destroy_process_group()
 
 
 def run_training(args, rank, world, device):
     out = args.out
     checkpoint, lora_path, log_path = (os.path.join(out, n) for n in (CHECKPOINT, LORA_FILE, LOG))
     state = check_out(args)
+    first_on_node = os.environ.get("LOCAL_RANK", "0") == "0"
+    if world > 1 and not first_on_node:  # one download per node: process 0 of each node fetches a hub id first
+        dist.barrier()
     cfg, _ = load_checkpoint(args.model)  # the transformer's config, checked; weights memory-mapped, unread
+    if world > 1 and first_on_node:
+        dist.barrier()
     with torch.device("meta"):  # the LoRA layout, without weights: checks --targets and the checkpoint
         probe = Flux2(cfg).requires_grad_(False)
     lora.inject(probe, args.targets, args.rank, args.alpha, args.seed)
@@ -362,10 +378,13 @@ def run_training(args, rank, world, device):
     if state is not None:
         check_checkpoint(state, checkpoint, run, shapes)
         start = state["step"]
-        finished = lora_is_current(lora_path, state)
-        if args.steps < start or (args.steps == start and finished):
+        if args.steps < start:
             raise ValueError(f"--steps {args.steps}: the run in {out} is already at step {start}; "
-                             f"pass a larger --steps to train further")
+                             f"pass --steps {start} or more")
+        if args.steps == start and lora_is_current(lora_path, state):  # a requeued job that had finished
+            if rank == 0:
+                print(f"the run in {out} is already at step {start} (--steps): nothing to do; its LoRA: {lora_path}")
+            return
     if world > 1:  # every process has looked at --out before process 0 writes anything
         dist.barrier()
     data = open_data(args, rank, world, device)
@@ -374,7 +393,7 @@ def run_training(args, rank, world, device):
                          f"(the transformer takes {cfg.in_channels} and {cfg.context_dim})")
 
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # bf16 weights, float32 LoRA, autocast
-    model = Flux2.from_pretrained(args.model, dtype=dtype, device=device)
+    model = Flux2.from_pretrained(args.model, dtype=dtype, device=device, weights=args.weights)
     model.requires_grad_(False)
     lora.inject(model, args.targets, args.rank, args.alpha, args.seed)
     model.gradient_checkpointing = args.gradient_checkpointing
@@ -477,7 +496,13 @@ def parse_args(argv=None):
                    help="each reference keeps a fraction ~ U(LO, HI) of its tokens")
     p.add_argument("--keep-all-prob", type=float, default=0.1, help="probability that an example keeps all reference tokens")
     p.add_argument("--kv", action="store_true", help="train in the KV pattern: references at t = 0 attend only to references")
-    p.add_argument("--gradient-checkpointing", action="store_true", help="recompute block activations in backward: less memory")
+    p.add_argument("--weights", choices=sorted(FORMATS), default=None,
+                   help="a frozen 8-bit base: the block Linears in fp8 or int8, dequantized per matmul (default: bf16 on GPU)")
+    p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=True,
+                   help="recompute each block's activations in backward: memory for one block's activations, not all "
+                        "(a dense step with six 1024 px references needs it on a 24-80 GB card)")  # fmt: skip
+    p.add_argument("--dist-timeout", type=int, default=DIST_TIMEOUT_MINUTES,
+                   help="minutes any torchrun collective may wait, the others' wait while process 0 caches a manifest included")
     p.add_argument("--save-every", type=int, default=250, help="write checkpoint and LoRA every this many steps")
     p.add_argument("--seed", type=int, default=0, help="seeds the LoRA init, the data order and every per-example draw")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
@@ -491,7 +516,7 @@ def parse_args(argv=None):
         p.error(f"--keep-range needs 0 < LO <= HI <= 1, got {lo} {hi}")
     if not 0 <= args.keep_all_prob <= 1:
         p.error(f"--keep-all-prob must be in [0, 1], got {args.keep_all_prob}")
-    for name in ("steps", "rank", "batch_size", "grad_accum", "save_every"):
+    for name in ("steps", "rank", "batch_size", "grad_accum", "save_every", "dist_timeout"):
         if not 1 <= getattr(args, name) <= MAX_OPTIMIZER_STEPS:
             p.error(f"--{name.replace('_', '-')} must be in [1, {MAX_OPTIMIZER_STEPS}], got {getattr(args, name)}")
     if not 0 <= args.warmup <= MAX_OPTIMIZER_STEPS:
