@@ -23,3 +23,8 @@ def klein(tmp_path_factory):
     root = tmp_path_factory.mktemp("klein")
     manifest, cache = tiny.make_training_repo(root)
     return root, manifest, cache
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "compile: runs torch.compile with Inductor and the system C++ compiler (slow on a CPU; "
+                                       "-m 'not compile' skips it)")  # fmt: skip

@@ -16,7 +16,7 @@ import os
 import time
 
 from files import ArgumentParser, check_file, check_number, check_writable, check_writable_folder, fail, image_format, write_atomic
-from pipeline import MAX_IMAGES, add_common_args, check_common, check_sampling, generate, warn_slow_dtype
+from pipeline import COMPILE_BUCKET, MAX_IMAGES, add_common_args, check_common, check_sampling, generate, warn_slow_dtype
 from quant import FORMATS
 
 
@@ -63,6 +63,8 @@ def parser():
     p.add_argument("--batch-size", type=int, default=1, help="images per transformer and VAE call (default: 1)")
     p.add_argument("--weights", choices=sorted(FORMATS), default=None,
                    help="the transformer's block Linears in 8 bits, dequantized per matmul; fp8 loads BFL's fp8 files (default: --dtype)")  # fmt: skip
+    p.add_argument("--compile", action="store_true",
+                   help=f"torch.compile the transformer (fullgraph); kept counts round up to a multiple of {COMPILE_BUCKET} tokens (default: off)")  # fmt: skip
     return p
 
 
@@ -120,7 +122,7 @@ def main(argv=None):
                                  lora_merge=True if args.lora_merge else None, device=device, dtype=dtype,
                                  save_selection=args.save_selection, selection_seed=args.selection_seed or 0,
                                  batch_size=args.batch_size, attention_queries=args.attention_queries or "target",
-                                 attention_block=args.attention_block or 0, weights=args.weights)  # fmt: skip
+                                 attention_block=args.attention_block or 0, weights=args.weights, compile=args.compile)  # fmt: skip
         for image, path in zip(images, paths):
             write_atomic(path, image)
     except (OSError, ValueError, RuntimeError, KeyError) as e:

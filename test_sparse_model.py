@@ -211,20 +211,29 @@ def test_cache_misuse(tiny):
             ours(img, img_ids, txt, txt_ids, t, ref=ref[0], ref_ids=ref_ids[0], kv_cache=cache)
 
 
-def test_cached_attention_equals_one_attention():
-    """The cache read in place: two attentions merged by their log-sum-exps equal one SDPA over the
-    concatenated keys, for a cache of each image's own (Bc = B) and one shared by the batch (Bc = 1)."""
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])  # on a GPU: the CUDA kernels' LSE too
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype,rel", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
+def test_cached_attention_equals_one_attention(device, dtype, rel):
+    """The cache read in place: two attentions merged by their log-sum-exps equal one attention over
+    the concatenated keys (float32 math on the same inputs), for a cache of each image's own (Bc = B)
+    and one shared by the batch (Bc = 1); bf16 to its rounding."""
     g = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(3, 5, 2, 8, generator=g) for _ in range(3))  # (B, L, H, D)
-    k_ref, v_ref = (torch.randn(3, 2, 6, 8, generator=g) for _ in range(2))  # (B, H, M, D)
+    q, k, v = (torch.randn(3, 5, 2, 64, generator=g).to(device, dtype) for _ in range(3))  # (B, L, H, D)
+    k_ref, v_ref = (torch.randn(3, 6, 2, 64, generator=g).to(device, dtype).transpose(1, 2) for _ in range(2))  # (B, H, M, D)
+    heads = lambda x: x.transpose(1, 2).float()
     out, lse = model.sdpa_lse(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
-    want_out, want_lse = model.sdpa_lse_math(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
-    assert_close(out, want_out) and assert_close(lse, want_lse)
+    want_out, want_lse = model.sdpa_lse_math(heads(q), heads(k), heads(v))
+    assert_close(out.float(), want_out, rel)
+    assert_close(lse, want_lse, rel)
     for shared in (False, True):
         kr, vr = (k_ref[:1], v_ref[:1]) if shared else (k_ref, v_ref)
-        keys = torch.cat([k, kr.transpose(1, 2).expand(3, -1, -1, -1)], dim=1)
-        values = torch.cat([v, vr.transpose(1, 2).expand(3, -1, -1, -1)], dim=1)
-        assert_close(model.cached_attention(q, k, v, kr, vr), model.sdpa(q, keys, values))
+        keys = torch.cat([heads(k), kr.float().expand(3, -1, -1, -1)], dim=2)
+        values = torch.cat([heads(v), vr.float().expand(3, -1, -1, -1)], dim=2)
+        want = model.sdpa_lse_math(heads(q), keys, values)[0].transpose(1, 2)
+        assert_close(model.cached_attention(q, k, v, kr, vr).float(), want, rel)
 
 
 def recorded_qk(ours, monkeypatch, *inputs, **kw):

@@ -409,6 +409,56 @@ def test_batched_sampling_equals_one_at_a_time(distilled, kv, keep, guidance):
     assert (batched[0] - batched[1]).abs().max() > 0.1 and (batched[0] - batched[2]).abs().max() > 0.1
 
 
+@pytest.mark.compile
+def test_compiled_sampling_equals_eager_once_per_bucket():
+    """torch.compile (Inductor, the system C++ compiler) of a 1 + 1-block klein: a sweep of keeps whose
+    counts round up to buckets equals eager within 1e-5 and compiles one graph per bucket, plus the two
+    graphs (extraction, cached step) of a KV-cache run. Slow on a CPU: the smallest model, 4 graphs."""
+    from torch._dynamo.utils import counters
+
+    from model import Flux2, Flux2Config
+    from token_selectors import n_keep
+
+    cfg = Flux2Config(in_channels=16, hidden_size=48, num_heads=3, depth=1, depth_single=1, context_dim=24, axes_dim=(4, 4, 4, 4))
+    torch.manual_seed(0)
+    eager = Flux2(cfg).eval()
+    compiled = Flux2(cfg).eval()
+    compiled.load_state_dict(eager.state_dict())
+    compiled.compile(fullgraph=True, dynamic=False)
+    g = torch.Generator().manual_seed(0)
+    txts = {"p": torch.randn(1, 8, 24, generator=g)}
+    encoded = [(torch.randn(1, 40, 16, generator=g), pipeline.grid_ids(5, 8, t=10))]
+    keeps, bucket = [0.1, 0.3, 0.6], 16  # 4, 12, 24 tokens -> 16, 16, 32
+    torch._dynamo.reset()
+    counters.clear()
+    with torch.no_grad():
+        for keep, kv in [(k, False) for k in keeps] + [(0.3, True)]:
+            kept = [torch.randperm(40, generator=g)[: n_keep(keep, 40, bucket)].sort().values]
+            ref, ref_ids = pipeline.gather_references(encoded, kept)
+            want, got = (pipeline.sample_latents(m, [("p", 0)], txts, 3, 4, 2, ref, ref_ids, kv)[0] for m in (eager, compiled))
+            assert (got - want).abs().max() <= 1e-5 * want.abs().max(), (keep, kv)
+    buckets = {n_keep(k, 40, bucket) for k in keeps}
+    assert len(buckets) == 2 and counters["stats"]["unique_graphs"] == len(buckets) + 2
+
+
+def test_compile_option_buckets_and_compiles(distilled, tmp_path, monkeypatch, capsys):
+    """sample.py --compile: the transformer is compiled fullgraph with static shapes, the kept counts
+    rounded up to COMPILE_BUCKET (here 8: 6 of 20 and 7 of 24 tokens become 8 and 8)."""
+    from model import Flux2
+
+    root, _ = distilled
+    calls = []
+    monkeypatch.setattr(Flux2, "compile", lambda self, **kw: calls.append(kw))  # compiled for real above
+    monkeypatch.setattr(pipeline, "COMPILE_BUCKET", 8)
+    for i, image in enumerate(REFS):
+        image.save(tmp_path / f"r{i}.png")
+    sample.main(["--model", str(root), "--prompt", "a red cube", "--ref", str(tmp_path / "r0.png"), str(tmp_path / "r1.png"),
+                 "--keep", "0.3", "--kv-cache", "--compile", "--out", str(tmp_path / "o.png")])  # fmt: skip
+    out = capsys.readouterr().out
+    assert calls == [dict(fullgraph=True, dynamic=False)] and (tmp_path / "o.png").exists()
+    assert "reference 0: 8 of 20 tokens kept" in out and "reference 1: 8 of 24 tokens kept" in out
+
+
 def test_cli_many_images(distilled, many, tmp_path):
     """Repeated --ref and --prompt accumulate; outputs named out_p{i}_s{seed}; the same images as generate()."""
     root, _ = distilled

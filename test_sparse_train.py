@@ -562,6 +562,49 @@ def test_training_forwards_take_no_mask(klein, tmp_path, monkeypatch, kv):
     assert len(lora_of(tmp_path / "run")) > 0
 
 
+@pytest.mark.compile
+def test_compiled_training_step_equals_eager(klein, tmp_path, monkeypatch):
+    """train.py --compile: the transformer compiled fullgraph with dynamic shapes; two steps whose
+    examples kept different counts give eager's losses and LoRA gradients (1e-5) from one graph. The
+    graph is captured and differentiated for real (Dynamo, AOT autograd); Inductor's code generation
+    for the backward takes minutes on a CPU, so this test runs the graph with backend aot_eager."""
+    from torch._dynamo.utils import counters
+
+    root, _, cache = klein
+    calls, models, compile, loss = [], [], Flux2.compile, train.flow_matching_loss
+
+    class Built(Exception):
+        pass
+
+    def built(model, *a):
+        models.append(model)
+        raise Built
+
+    monkeypatch.setattr(Flux2, "compile", lambda self, **kw: calls.append(kw) or compile(self, backend="aot_eager", **kw))
+    monkeypatch.setattr(train, "flow_matching_loss", built)
+    with pytest.raises(Built):  # the model train.py builds, compiled as train.py compiles it
+        train.main(run_args(root, cache, tmp_path / "run", "--steps", "1", "--compile", "--rank", "2"))
+    assert calls == [dict(fullgraph=True, dynamic=True)]
+    compiled = models[0]
+    eager = Flux2.from_pretrained(str(root)).requires_grad_(False)
+    lora.inject(eager, lora.DEFAULT_TARGETS, 2, None, 0)
+    eager.load_state_dict(compiled.state_dict())
+    data = CachedDataset(str(cache))
+    torch._dynamo.reset()
+    counters.clear()
+    for step, keep in ((0, [0.2]), (1, [0.5])):  # 3 and 8 tokens (duck sizing would tie a count equal to B to B)
+        examples = [train.training_example(data[i], train.generator(0, step, i), keep) for i in (2, 4)]  # equal grids
+        results = []
+        for model in (eager, compiled):
+            model.zero_grad()
+            losses = loss(model, examples, True, torch.device("cpu"))
+            losses.sum().backward()
+            results.append((losses.detach(), torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad])))
+        (want, want_grad), (got, got_grad) = results  # lora_A's gradients are 0 while lora_B is: one scale for all
+        assert rel_err(got, want) < 1e-5 and rel_err(got_grad, want_grad) < 1e-5 and want_grad.abs().max() > 0
+    assert counters["stats"]["unique_graphs"] == 1
+
+
 def test_cli_summaries(klein, tmp_path, capsys):
     """data.py ends with a summary line; train.py shows the loss in its progress bar and ends by naming
     the LoRA file."""

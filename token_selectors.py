@@ -228,9 +228,18 @@ def _check_fraction(name, value, low_open):
     return value
 
 
-def n_keep(keep, n):
-    """How many of n tokens a keep fraction keeps: the rule of every selector, training and the benchmark."""
-    return max(1, round(keep * n))
+def n_keep(keep, n, multiple=1):
+    """How many of n tokens a keep fraction keeps: the rule of every selector, training and the benchmark.
+
+    multiple > 1 rounds the count up to a multiple of it (or n): a compiled transformer then meets
+    a bounded number of sequence lengths (pipeline.COMPILE_BUCKET).
+    """
+    return round_up(max(1, round(keep * n)), multiple, n)
+
+
+def round_up(count, multiple, n):
+    """count rounded up to a multiple of `multiple`, at most n."""
+    return min(n, -(-count // multiple) * multiple)
 
 
 def _sample(scores, k, seed, uniform_mix, grid_w=None):
@@ -308,7 +317,7 @@ def _split_budget(total, weights, sizes):
 
 
 def select_reference_tokens(images, keep, selector="canny", seed=0, uniform_mix=0.25,
-                            budget="uniform", coverage=False, scores=None):
+                            budget="uniform", coverage=False, scores=None, multiple=1):
     """Kept token indices for each reference image: a list of sorted LongTensors.
 
     keep: a fraction in (0, 1] for every reference, or a list with one fraction per reference.
@@ -327,6 +336,8 @@ def select_reference_tokens(images, keep, selector="canny", seed=0, uniform_mix=
               scores choosing inside each cell (_cover); False is the paper's rule.
     scores: per-reference (N_i,) scores from elsewhere (selector "attention": the model's own,
             model.reference_attention) instead of a pixel map; the same sampling rule applies.
+    multiple: every count ("uniform") or the total ("adaptive") rounded up to a multiple of it, or
+              to all tokens (n_keep).
     """
     n_refs = len(images)
     keeps = list(keep) if isinstance(keep, (list, tuple)) else [keep] * n_refs
@@ -346,14 +357,14 @@ def select_reference_tokens(images, keep, selector="canny", seed=0, uniform_mix=
     grids = [(h // PATCH) * (w // PATCH) for h, w in shapes]
     if len(scores) != n_refs or [len(s) for s in scores] != grids:
         raise ValueError(f"scores hold {[len(s) for s in scores]} tokens for reference grids of {grids}")
-    counts = [n_keep(k, len(s)) for k, s in zip(keeps, scores)]
+    counts = [n_keep(k, len(s), multiple) for k, s in zip(keeps, scores)]
     if budget == "adaptive" and n_refs:
         sizes = [len(s) for s in scores]
         area = torch.tensor(sizes, dtype=torch.float64) / sum(sizes)
         edges = scores if selector == "canny" else [token_scores(im, "canny") for im in images]
         mass = torch.stack([e.double().sum() for e in edges])
         mass = mass / mass.sum() if mass.sum() > 0 else area  # no edges anywhere: by area
-        total = round(sum(k * n for k, n in zip(keeps, sizes)))
+        total = round_up(round(sum(k * n for k, n in zip(keeps, sizes))), multiple, sum(sizes))
         counts = _split_budget(total, ((1 - a) * mass + a * area).tolist(), sizes)
     widths = [w // PATCH if coverage else None for _, w in shapes]
     return [_sample(s, k, seed + i, uniform_mix, w) for i, (s, k, w) in enumerate(zip(scores, counts, widths))]

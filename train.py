@@ -38,6 +38,11 @@ reference, each reference's distribution is the same (keep-all with probability 
 f ~ U(keep_range), uniform survivors), so the expected loss and gradient are too; what changes is that
 the examples of one step are no longer independent: they are dense together or sparse together, with
 equal fractions, which makes the step-to-step gradient noisier.
+
+--compile: torch.compile of the transformer (fullgraph) with dynamic shapes. Target grid, kept count
+and group size change from step to step, so one graph with symbolic sizes serves them all, where
+static shapes would compile once per combination (sampling, whose shapes a run fixes, compiles static
+shapes and buckets the kept counts instead: pipeline.generate).
 """
 
 import argparse
@@ -400,6 +405,8 @@ def run_training(args, rank, world, device):
     if state is not None:
         restore(state, model, opt)
     del state
+    if args.compile:  # every step changes the shapes (target grid, kept count, group size): one graph for all
+        model.compile(fullgraph=True, dynamic=True)
 
     if rank == 0:
         remove_stale_temps(out)
@@ -501,6 +508,8 @@ def parse_args(argv=None):
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     p.add_argument("--max-area", type=int, default=1024 * 1024, help="when caching a manifest: largest image area in pixels")
     p.add_argument("--skip-bad", action="store_true", help="when caching a manifest: skip bad lines instead of stopping")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the transformer (fullgraph, dynamic shapes: one compilation for every kept count)")
     args = p.parse_args(argv)
     lo, hi = args.keep_range
     if not 0 < lo <= hi <= 1:
