@@ -478,7 +478,7 @@ def output_size(images, height, width):
 def generate(model, prompt, refs=(), steps=None, guidance=None, seed=0, height=None, width=None, kv_cache=False,
              keep=1.0, selector="auto", task="edit", uniform_mix=0.25, budget="uniform", lora=None, lora_scale=1.0,
              lora_merge=None, device=None, dtype=None, save_selection=None, selection_seed=0, batch_size=1, progress=True,
-             attention_queries="target", attention_block=0, weights=None, compile=False):  # fmt: skip
+             attention_queries="target", attention_block=0, weights=None, compile=False, transformer_source=None):  # fmt: skip
     """Sample images; `model` is a klein repository folder or hub id.
 
     prompt: a prompt or a list of them; seed: a seed or a list; refs: paths or PIL images (a single
@@ -487,7 +487,9 @@ def generate(model, prompt, refs=(), steps=None, guidance=None, seed=0, height=N
     VAE-encoded and selected (seeded by selection_seed, the same for every image) once, and with
     kv_cache their K/V are extracted once for all images. selector "attention" ranks the reference
     tokens by the transformer's own attention (attention_scores, once, from the first image; the
-    pass is timed as "token scoring"). weights "fp8" or "int8": the transformer's block Linears in
+    pass is timed as "token scoring"). transformer_source: a transformer checkpoint instead of model's
+    (a BFL single file such as BFL's fp8 flux-2-klein-9b-fp8.safetensors, or a transformer folder);
+    its config is checked before anything loads. weights "fp8" or "int8": the transformer's block Linears in
     8 bits (Flux2.from_pretrained), the rest in dtype. Returns (image, SampleStats) for one prompt
     and one seed, else ([images], SampleStats).
 
@@ -509,6 +511,8 @@ def generate(model, prompt, refs=(), steps=None, guidance=None, seed=0, height=N
     check_number("--attention-block", attention_block, 0, integer=True)
     if weights is not None:
         check_weights(weights)
+    if transformer_source is not None:
+        load_checkpoint(transformer_source)  # the config and tensor names, checked; the weights memory-mapped, unread
     device, dtype = sampling_device(device, dtype)
     folder = resolve_source(model)
     steps, guidance = sampling_defaults(folder, steps, guidance)
@@ -532,7 +536,7 @@ def generate(model, prompt, refs=(), steps=None, guidance=None, seed=0, height=N
                 encoded = encode_references(vae, images, device, dtype)
         timer.lap("reference encoding")
 
-        with loaded(Flux2, folder, dtype, device, lora, lora_scale, lora_merge, weights=weights) as transformer:
+        with loaded(Flux2, transformer_source or folder, dtype, device, lora, lora_scale, lora_merge, weights=weights) as transformer:
             if by_model:
                 sigma = schedule(steps, h * w)[0]
                 kept = select(attention_scores(transformer, encoded, txts[prompts[0]], h, w, sigma, seeds[0], kv_cache,
@@ -612,8 +616,8 @@ def check_common(args, sparse, attention=False):
     load_references(args.ref)  # every reference exists, is an image and has a usable size
     folder = resolve_source(args.model)
     is_distilled(folder)
+    cfg, _ = load_checkpoint(getattr(args, "transformer", None) or folder)  # the config, checked; the weights memory-mapped, unread
     if args.attention_block is not None:
-        cfg, _ = load_checkpoint(folder)  # the config, checked; the weights memory-mapped, unread
         check_number("--attention-block", args.attention_block, 0, cfg.depth + cfg.depth_single - 1, integer=True)
     return device, dtype
 

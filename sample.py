@@ -63,6 +63,9 @@ def parser():
     p.add_argument("--batch-size", type=int, default=1, help="images per transformer and VAE call (default: 1)")
     p.add_argument("--weights", choices=sorted(FORMATS), default=None,
                    help="the transformer's block Linears in 8 bits, dequantized per matmul; fp8 loads BFL's fp8 files (default: --dtype)")  # fmt: skip
+    p.add_argument("--transformer", default=None, metavar="CHECKPOINT",
+                   help="the transformer from this checkpoint instead of --model's: a BFL single file (e.g. BFL's "
+                        "flux-2-klein-9b-fp8.safetensors, with --weights fp8) or a transformer folder (default: --model's)")  # fmt: skip
     p.add_argument("--compile", action="store_true",
                    help=f"torch.compile the transformer (fullgraph); kept counts round up to a multiple of {COMPILE_BUCKET} tokens (default: off)")  # fmt: skip
     return p
@@ -122,7 +125,8 @@ def main(argv=None):
                                  lora_merge=True if args.lora_merge else None, device=device, dtype=dtype,
                                  save_selection=args.save_selection, selection_seed=args.selection_seed or 0,
                                  batch_size=args.batch_size, attention_queries=args.attention_queries or "target",
-                                 attention_block=args.attention_block or 0, weights=args.weights, compile=args.compile)  # fmt: skip
+                                 attention_block=args.attention_block or 0, weights=args.weights, compile=args.compile,
+                                 transformer_source=args.transformer)  # fmt: skip
         for image, path in zip(images, paths):
             write_atomic(path, image)
     except (OSError, ValueError, RuntimeError, KeyError) as e:

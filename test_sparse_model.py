@@ -10,7 +10,7 @@ from safetensors.torch import load_file, save_file
 import model
 from model import Flux2, Flux2Config, KVCache
 from quant import FORMATS, Linear8, dequantize, quantize, to_8bit
-from tiny import TINY, make_inputs, randomize_
+from tiny import TINY, bfl_fp8_file, make_inputs, randomize_
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
@@ -426,23 +426,6 @@ def test_8bit_weight_bytes_at_klein_size(name, kind):
     ratio = sum(v.numel() * v.element_size() for v in to_8bit(model, sd, kind, torch.bfloat16, "meta").values()) / bf16
     print(f"\n{name} {kind}: {ratio:.3f} x bf16's {bf16 / 1e9:.2f} GB = {ratio * bf16 / 1e9:.2f} GB")
     assert ratio <= 0.55
-
-
-def bfl_fp8_file(ours, path, per_row):
-    """A tiny file in the layout of BFL's fp8 single files (quant.py): names prefixed model.diffusion_model.,
-    the blocks' Linears float8_e4m3fn with a float32 weight_scale (one per tensor as ComfyUI writes it,
-    or one per row as diffusers' fp8r) and an input_scale, everything else bf16."""
-    sd = {}
-    for k, v in ours.state_dict().items():
-        name = k.removesuffix(".weight")
-        if k.endswith(".weight") and name.startswith(("double_blocks.", "single_blocks.")) and v.ndim == 2:
-            scale = v.abs().amax(dim=1) / 448 if per_row else v.abs().amax() / 448
-            sd[k] = (v / (scale[:, None] if per_row else scale)).to(torch.float8_e4m3fn)
-            sd[f"{name}.weight_scale"], sd[f"{name}.input_scale"] = scale.float(), torch.tensor(0.01)
-        else:
-            sd[k] = v.bfloat16()
-    save_file({"model.diffusion_model." + k: v.contiguous() for k, v in sd.items()}, str(path))
-    return sd
 
 
 @pytest.mark.parametrize("per_row", [False, True])

@@ -147,6 +147,34 @@ def test_cli_weights_loads_an_8bit_transformer(distilled, tmp_path, monkeypatch)
     assert Image.open(tmp_path / "out.png").size == (80, 64)  # the reference's 80 x 70, cropped to 16 px
 
 
+def test_cli_transformer_from_a_bfl_file(distilled, tmp_path):
+    """--transformer FILE: the transformer from a BFL single file instead of --model's. The same weights as
+    a BFL file give the same image (to 1/255); BFL's fp8 layout with --weights fp8 gives the image of a plain file
+    holding its dequantized weights (weight * weight_scale)."""
+    from model import Flux2
+    from tiny import bfl_fp8_file
+
+    root, _ = distilled
+    REFS[0].save(tmp_path / "ref.png")
+    ours = Flux2.from_pretrained(str(root))
+    save_file({"model.diffusion_model." + k: v.contiguous() for k, v in ours.state_dict().items()}, tmp_path / "bfl.safetensors")
+    sd = bfl_fp8_file(ours, tmp_path / "fp8.safetensors")
+    deq = {k: v.float() * sd[k.removesuffix(".weight") + ".weight_scale"][:, None] if v.dtype == torch.float8_e4m3fn else v.float()
+           for k, v in sd.items() if not k.endswith("_scale")}  # fmt: skip
+    save_file({k: v.contiguous() for k, v in deq.items()}, tmp_path / "dequantized.safetensors")
+
+    def image(*extra):
+        out = tmp_path / f"out{len(list(tmp_path.iterdir()))}.png"
+        sample.main(["--model", str(root), "--prompt", "a red cube", "--ref", str(tmp_path / "ref.png"), "--out", str(out), *extra])
+        return np.array(Image.open(out)).astype(np.int32)
+
+    # to 1/255, not bit for bit: memory-mapped weights sit at other alignments in the two files (16 vs 24
+    # bytes mod 64), and the CPU's matmul kernels sum in another order there (with copied weights: equal)
+    assert np.abs(image("--transformer", str(tmp_path / "bfl.safetensors")) - image()).max() <= 1
+    fp8 = image("--transformer", str(tmp_path / "fp8.safetensors"), "--weights", "fp8")
+    assert np.abs(fp8 - image("--transformer", str(tmp_path / "dequantized.safetensors"))).max() <= 1
+
+
 @pytest.mark.parametrize("case", ["missing_ref", "bad_ref", "bad_model", "bad_size", "bad_out"])
 def test_cli_bad_input(distilled, tmp_path, case):
     root, _ = distilled
@@ -548,6 +576,8 @@ BAD = {  # case: (arguments after --model, substring of the one error line)
     "dtype fp16": (["--dtype", "fp16"], "--dtype fp16"),
     "dtype float16": (["--dtype", "float16"], "--dtype fp16"),
     "lora merge alone": (["--lora-merge"], "--lora-merge cannot apply without --lora"),
+    "transformer missing": (["--transformer", "{d}/none.safetensors"], "none.safetensors"),
+    "transformer not safetensors": (["--transformer", "{d}/file"], "file"),
     "attention block without the selector": (["--keep", "0.5", "--attention-block", "1"], "--attention-block cannot apply"),
     "attention queries without a keep": (["--selector", "attention", "--attention-queries", "text"], "--selector cannot apply with --keep 1"),
     "attention block too deep": (["--keep", "0.5", "--selector", "attention", "--attention-block", "3"], "--attention-block"),

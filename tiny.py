@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline, Flux2Transformer2DModel
 from PIL import Image
+from safetensors.torch import save_file
 from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers, trainers
 
 # ----------------------------------------------------------------------------------------------
@@ -338,3 +339,24 @@ def make_training_repo(root):
     vae, text_encoder = AutoEncoder.from_pretrained(str(root)), TextEncoder.from_pretrained(str(root))
     cache_dataset(str(manifest), vae, text_encoder, str(cache), progress=False)
     return manifest, cache
+
+
+# ----------------------------------------------------------------------------------------------
+# BFL's fp8 single-file layout
+
+
+def bfl_fp8_file(ours, path, per_row=True):
+    """A tiny file in the layout of BFL's fp8 single files (quant.py): names prefixed model.diffusion_model.,
+    the blocks' Linears float8_e4m3fn with a float32 weight_scale (one per tensor as ComfyUI writes it,
+    or one per row as diffusers' fp8r) and an input_scale, everything else bf16."""
+    sd = {}
+    for k, v in ours.state_dict().items():
+        name = k.removesuffix(".weight")
+        if k.endswith(".weight") and name.startswith(("double_blocks.", "single_blocks.")) and v.ndim == 2:
+            scale = v.abs().amax(dim=1) / 448 if per_row else v.abs().amax() / 448
+            sd[k] = (v / (scale[:, None] if per_row else scale)).to(torch.float8_e4m3fn)
+            sd[f"{name}.weight_scale"], sd[f"{name}.input_scale"] = scale.float(), torch.tensor(0.01)
+        else:
+            sd[k] = v.bfloat16()
+    save_file({"model.diffusion_model." + k: v.contiguous() for k, v in sd.items()}, str(path))
+    return sd
