@@ -15,7 +15,7 @@ from train import flow_matching_loss, generator, training_example
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("repro")
-    R.main(["--quick", "--work", str(root / "work"), "--report", str(root / "report")])
+    R.main(["--quick", "--ignore-gate", "--work", str(root / "work"), "--report", str(root / "report")])
     return root
 
 
@@ -39,14 +39,15 @@ def test_quick_run_writes_every_table_and_figure(quick_run):
         assert f"**Claim {k}: " in report
     for task in R.TASKS:
         assert f"### {task}" in report and f"SSIM ({task})" in report
-    for name in ("quality_vs_keep", "quality_vs_speed", "grid_edit", "grid_subject", "grid_multi"):
+    assert report.startswith("# Reproduction") and "The dense base failed the competence gate" in report.split("- date")[0]
+    for name in ("quality_vs_keep", "quality_vs_speed", "lora_loss", "grid_edit", "grid_subject", "grid_multi"):
         path = quick_run / "report" / "reproduction" / f"{name}.png"
         assert f"reproduction/{name}.png" in report
         with Image.open(path) as im:
             assert im.size[0] > 100 and im.size[1] > 100
     results = json.loads((quick_run / "report" / "reproduction" / "results.json").read_text())
     models = {key.split("|")[0] for key in results["summary"]}
-    assert models == {"base", "control", "drop", "drop-mix", "base-kv", "drop-kv"}
+    assert models == {"base", "control", "drop", "drop-mix", "base-kv", "drop-kv", "fill"}
     assert all(math.isfinite(m[0]) for v in results["summary"].values() for m in v.values())
     assert {(r["refs"], r["kv"]) for r in results["speed"]} == {(3, False), (3, True), (6, False), (6, True)}
 
@@ -113,3 +114,65 @@ def test_a_fine_tune_is_reused_only_for_the_same_base_and_command(tmp_path, monk
     assert R.fine_tune(*args, new_base, 0)[1] == "trained" and "--resume" not in calls[-1]
     assert not (out / "old.txt").exists() and len(calls) == 3
     assert R.fine_tune(*args, settings, 1)[1] == "trained" and len(calls) == 4  # another seed: another command
+
+
+def test_the_gate_refuses_an_untrained_base(tmp_path, capsys):
+    # 20 steps of a 32-wide model: far below the gate on every prompt, so nothing after it may run.
+    work = tmp_path / "work"
+    with pytest.raises(SystemExit) as stop:
+        R.main(["--quick", "--stage", "base", "--work", str(work)])
+    assert "error: the dense base is less than" in str(stop.value)
+    for prompt in R.EDITS + R.SUBJECTS:
+        assert prompt in capsys.readouterr().out or prompt in str(stop.value)
+    with pytest.raises(SystemExit):
+        R.main(["--quick", "--work", str(work), "--report", str(tmp_path / "report")])
+    assert not (work / "runs").exists() and not (tmp_path / "report").exists()
+
+
+def test_options_that_cannot_apply_to_the_base_stage_are_errors(tmp_path, capsys):
+    for extra in (["--ignore-gate"], ["--split", "val"], ["--report", str(tmp_path / "r")]):
+        with pytest.raises(SystemExit) as stop:
+            R.main(["--quick", "--stage", "base", "--work", str(tmp_path / "w"), *extra])
+        assert stop.value.code == 2 and f"error: {extra[0]}" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
+
+
+def test_the_fill_matches_a_hand_built_fill():
+    # 3x3 tokens of one channel, values 0..8. Aligned (an edit): kept corners 0 and 8; every token takes
+    # the nearer one (on a tie the one feeding the first target token).
+    target = torch.arange(9.0).view(1, 3, 3)
+    aligned = torch.stack([torch.zeros(9, dtype=torch.long), torch.arange(9)], 1)
+    got = R.nearest_fill(target, aligned, [torch.tensor([0, 8])])
+    assert got.view(3, 3).tolist() == [[0, 0, 0], [0, 0, 8], [0, 8, 8]]
+    # Not aligned: the middle row is made from the top row of the reference, mirrored; the rest
+    # needs no reference (grey background) and stays exact.
+    src = torch.full((9, 2), -1)
+    src[3:6, 0], src[3:6, 1] = 0, torch.tensor([2, 1, 0])
+    got = R.nearest_fill(target, src, [torch.tensor([1])])  # reference token 1 feeds target token 4
+    assert got.view(3, 3).tolist() == [[0, 1, 2], [4, 4, 4], [6, 7, 8]]
+    got = R.nearest_fill(target, src, [torch.tensor([0, 2, 5, 7])])  # 5 and 7 lie outside the source
+    assert got.view(3, 3).tolist() == [[0, 1, 2], [3, 3, 5], [6, 7, 8]]  # token 4: a tie, the first target token
+    assert R.nearest_fill(target, src, [torch.tensor([4])]).view(3, 3)[1].tolist() == [0, 0, 0]  # nothing kept: grey
+
+
+def test_the_source_map_says_where_every_target_token_comes_from():
+    # Subject and multi targets are copies of reference tokens (mirrored in one prompt): the map must
+    # point at tokens equal to the target's, thumbnail for thumbnail.
+    for ex in R.make_split("val", 4, seed=3):
+        if ex["task"] == "edit":
+            continue
+        item = R.as_item(ex)
+        target = item["target"].flatten(1).T
+        for k, ref in enumerate(item["refs"]):
+            mine = (ex["src"][:, 0] == k).nonzero()[:, 0]
+            tokens = ref.flatten(1).T[ex["src"][mine, 1]]
+            if ex["prompt"] == R.SUBJECTS[1]:
+                tokens = tokens.view(-1, 3, R.THUMB, R.THUMB).flip(-1).flatten(1)
+            assert len(mine) and torch.allclose(tokens, target[mine], atol=1e-5), (ex["prompt"], k)
+        assert (ex["src"][:, 0] < 0).sum() == (48 if ex["task"] == "subject" else 0)
+
+
+def test_every_fine_tune_logged_its_loss_curve(quick_run):
+    for name in R.TUNES:
+        log = (quick_run / "work" / "runs" / name / "log.jsonl").read_text().splitlines()
+        assert [json.loads(line)["step"] for line in log] == list(range(1, R.SETTINGS["quick"]["tune_steps"] + 1))
