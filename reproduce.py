@@ -939,7 +939,7 @@ def main(argv=None):
     print(f"base: {status}")
     lap("base")
     trained["base"] = stages["base"] if status == "trained" else trained.get("base")
-    write_text_atomic(timings, json.dumps(trained))
+    write_atomic(timings, json.dumps(trained))
     gates = {"val": gate(load_model(base), val, settings)}
     failing = [k for k, (m, g) in gates["val"].items() if m - g < GATE_DB]
     print(gate_table(gates))
