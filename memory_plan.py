@@ -23,6 +23,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 import lora
+import model as flux2
 from model import Flux2, KVCache
 from quant import BLOCKS
 from pipeline import grid_ids, text_ids
@@ -83,15 +84,17 @@ class FlashAttention(torch.autograd.Function):
 @contextmanager
 def counted(ignore):
     """LiveBytes over the block, attention as FlashAttention holds memory, saved tensors as objects."""
-    sdpa = F.scaled_dot_product_attention
+    sdpa, sdpa_lse = F.scaled_dot_product_attention, flux2.sdpa_lse
     F.scaled_dot_product_attention = lambda q, k, v, attn_mask=None, **_: FlashAttention.apply(q, k, v)
+    # a cached step's two attentions: the fused kernels' out and log-sum-exp (meta has no fused kernel)
+    flux2.sdpa_lse = lambda q, k, v: (q.new_empty(q.shape[:-1] + v.shape[-1:]), q.new_empty(q.shape[:-1], dtype=torch.float32))
     keep = lambda t: t  # noqa: E731  (the saved tensor itself: its lifetime is the graph's)
     mode = LiveBytes(ignore)
     try:
         with mode, torch.autograd.graph.saved_tensors_hooks(keep, keep):
             yield mode
     finally:
-        F.scaled_dot_product_attention = sdpa
+        F.scaled_dot_product_attention, flux2.sdpa_lse = sdpa, sdpa_lse
 
 
 def storages(*tensors):
@@ -212,14 +215,14 @@ def memory_section(rows, check, command, n_txt=512):
            f"- checked against the profiler's measured peak of the same step run on this CPU ({check}).",
            "- the smallest card (16/24/40/80 GB, 5% kept free) that holds weights + cache + activations; the CUDA "
            "context and kernel workspaces (~0.5-1 GB) come on top.", "",
-           "| config | px | refs | keep | ref tokens | weights GB bf16 / 8-bit | KV cache GB | sample GB (act.) | sample+KV GB | "
-           "train GB (act.) | train, checkpointing GB | sample fits (bf16 / 8-bit) | train+ckpt fits (bf16 / 8-bit) |",
+           "| config | px | refs | keep | ref tokens | weights GB bf16 / 8-bit | KV cache GB | sample GB (act.) | sample, KV cache GB (act. + cache) | "
+           "train GB (act. + LoRA state) | train, checkpointing GB | sample fits (bf16 / 8-bit) | train+ckpt fits (bf16 / 8-bit) |",
            "|" + "---|" * 13]  # fmt: skip
     for r in rows:
-        sample = max(r["sample"], r["kv"] + r["sample_kv"])
+        sample = max(r["sample"], r["sample_kv"])  # sample_kv's peak holds its cache
         train = r["lora"] + r["train_ckpt"]
         out.append(f"| {r['config']} | {r['side']} | {r['refs']} | {r['keep']:g} | {r['ref_tokens']} | "
-                   f"{r['weights16']:.2f} / {r['weights8']:.2f} | {r['kv']:.2f} | {r['sample']:.2f} | {r['kv'] + r['sample_kv']:.2f} | "
+                   f"{r['weights16']:.2f} / {r['weights8']:.2f} | {r['kv']:.2f} | {r['sample']:.2f} | {r['sample_kv']:.2f} | "
                    f"{r['lora'] + r['train']:.2f} | {train:.2f} | {fits(r['weights16'] + sample)} / {fits(r['weights8'] + sample)} | "
                    f"{fits(r['weights16'] + train)} / {fits(r['weights8'] + train)} |")  # fmt: skip
     return "\n".join(out) + "\n"
