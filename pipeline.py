@@ -538,6 +538,7 @@ def generate(model, prompt, refs=(), steps=None, guidance=None, seed=0, height=N
 
         with loaded(Flux2, transformer_source or folder, dtype, device, lora, lora_scale, lora_merge, weights=weights) as transformer:
             if by_model:
+                timer.lap("denoising")  # loading the transformer counts there, as in a run without scoring
                 sigma = schedule(steps, h * w)[0]
                 kept = select(attention_scores(transformer, encoded, txts[prompts[0]], h, w, sigma, seeds[0], kv_cache,
                                                attention_queries, attention_block))  # fmt: skip
