@@ -596,10 +596,13 @@ def ceiling(s, task, metric="psnr"):
 
 def gap_shares(results, task, sel, top):
     """Per seed, the share of the keep-0.1 gap that drop training recovers: (drop - control) /
-    (top, the dense ceiling - control), both at keep 0.1 with the same selection and noise."""
+    (top, the dense ceiling - control), both at keep 0.1 with the same selection and noise. None
+    where there is no gap (the control within 0.1 dB of the ceiling or above it, for some seed)."""
     seeds = sorted({k[4] for k in results if k[:4] == ("drop", task, sel, 0.1)})
     P = lambda n, sd: results[(n, task, sel, 0.1, sd)]["psnr"]
-    return [(P("drop", sd) - P("control", sd)) / max(top - P("control", sd), 1e-6) for sd in seeds]
+    if any(top - P("control", sd) < 0.1 for sd in seeds):
+        return None
+    return [(P("drop", sd) - P("control", sd)) / (top - P("control", sd)) for sd in seeds]
 
 
 def verdicts(s, results, speed):
@@ -624,9 +627,11 @@ def verdicts(s, results, speed):
         share = gap_shares(results, task, sel, ceiling(s, task))
         beats = d[0] - c[0] > 2 * max(d[1], c[1], 0.01)
         weak.append(beats)
-        strong.append(beats and np.mean(share) >= 0.5)
+        strong.append(beats and share is not None and np.mean(share) >= 0.5)
+        recovered = ("no gap to recover (the control at keep 0.1 is not below the dense ceiling)" if share is None
+                     else f"share of the gap recovered {np.mean(share):.2f}±{np.std(share):.2f}")
         lines.append(f"{task} ({sel}, keep 0.1): drop {d[0]:.2f}±{d[1]:.2f}, control {c[0]:.2f}±{c[1]:.2f}, dense ceiling "
-                     f"{ceiling(s, task):.2f} dB: share of the gap recovered {np.mean(share):.2f}±{np.std(share):.2f}; "
+                     f"{ceiling(s, task):.2f} dB: {recovered}; "
                      f"the fill of the kept tokens {f[0]:.2f} dB ({'drop beats it' if d[0] >= f[0] else 'drop falls short of it'})")  # fmt: skip
     out[2] = verdict(strong, weak), lines
     # 3. Task-aware selection beats random at the same budget (drop model, keep 0.1 and 0.05); the

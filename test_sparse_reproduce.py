@@ -176,3 +176,10 @@ def test_every_fine_tune_logged_its_loss_curve(quick_run):
     for name in R.TUNES:
         log = (quick_run / "work" / "runs" / name / "log.jsonl").read_text().splitlines()
         assert [json.loads(line)["step"] for line in log] == list(range(1, R.SETTINGS["quick"]["tune_steps"] + 1))
+
+
+def test_the_share_of_the_gap_is_per_seed_and_undefined_without_a_gap():
+    res = {("drop", "edit", "canny", 0.1, 0): {"psnr": 12.0}, ("control", "edit", "canny", 0.1, 0): {"psnr": 10.0},
+           ("drop", "edit", "canny", 0.1, 1): {"psnr": 11.0}, ("control", "edit", "canny", 0.1, 1): {"psnr": 11.0}}  # fmt: skip
+    assert R.gap_shares(res, "edit", "canny", top=14.0) == [0.5, 0.0]  # (12 - 10) / (14 - 10), (11 - 11) / (14 - 11)
+    assert R.gap_shares(res, "edit", "canny", top=11.05) is None  # seed 1's control is at the ceiling: no gap
