@@ -719,13 +719,7 @@ def plot_losses(path, runs):
         n = max(1, min(25, len(loss) // 5))
         ax.plot(steps, loss, color=f"C{i}", alpha=0.2, lw=0.7)
         ax.plot(steps[n - 1 :], np.convolve(loss, np.ones(n) / n, mode="valid"), color=f"C{i}", label=f"{name} (mean of {n})")
-    ax.set_xlabel("LoRA step")
-    ax.set_ylabel("flow-matching loss")
-    ax.set_title("fine-tune training loss")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    save_figure(fig, path)
+    save_figure(fig, path, ax, "LoRA step", "flow-matching loss", "fine-tune training loss", legend=8)
 
 
 def plot_quality(path, s, models, floor):
@@ -775,18 +769,19 @@ def plot_speed(path, s, speed, models):
         ax.plot(xs, ys, style, marker="o", label=f"{name}{' + KV cache' if kv else ''} (measured speedup)")
         for r, x, y in zip(rows, xs, ys):
             ax.annotate(f"{r['keep']:g}", (x, y), fontsize=7)
-    ax.set_xlabel("speedup over dense, 3 references (per image, measured)")
-    ax.set_ylabel("multi-reference PSNR (dB)")
-    ax.set_title("quality against speed (labels: keep)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    save_figure(fig, path)
+    save_figure(fig, path, ax, "speedup over dense, 3 references (per image, measured)", "multi-reference PSNR (dB)",
+                "quality against speed (labels: keep)", legend=7)  # fmt: skip
 
 
-def save_figure(fig, path):
+def save_figure(fig, path, ax=None, xlabel=None, ylabel=None, title=None, legend=None):
+    """Label and grid a one-axes figure (ax given), lay it out, write it atomically as a PNG and close it."""
     import matplotlib.pyplot as plt
 
+    if ax is not None:
+        ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=legend)
+        fig.tight_layout()
     write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
     plt.close(fig)
 
