@@ -346,6 +346,11 @@ def loaded(component, folder, dtype, device, lora=None, lora_scale=1.0, lora_mer
         free(module)
 
 
+def is_sparse(keep, budget):
+    """Tokens are dropped: some keep below 1, or the adaptive budget."""
+    return any(k < 1 for k in (keep if isinstance(keep, (list, tuple)) else [keep])) or budget == "adaptive"
+
+
 def select_references(images, keep, selector, task, seed, uniform_mix, budget, scores=None, multiple=1):
     """Kept token indices (row-major on each reference's 16-px grid) per reference; None keeps all.
     selector "attention" takes the model's per-reference scores (attention_scores); counts rounded up to a
@@ -353,7 +358,7 @@ def select_references(images, keep, selector, task, seed, uniform_mix, budget, s
     keeps = keep if isinstance(keep, (list, tuple)) else [keep] * len(images)
     if len(keeps) != len(images):
         raise ValueError(f"--keep has {len(keeps)} values for {len(images)} reference images")
-    if all(k == 1 for k in keeps) and budget == "uniform":
+    if not is_sparse(keeps, budget):
         return [None] * len(images)  # dense: bit-identical to klein
     if task not in ("edit", "subject"):
         raise ValueError(f"unknown task {task!r}; choose edit or subject")
@@ -361,11 +366,6 @@ def select_references(images, keep, selector, task, seed, uniform_mix, budget, s
         selector = "canny" if task == "edit" else "saliency"
     return select_reference_tokens(images, keeps, selector=selector, seed=seed, uniform_mix=uniform_mix, budget=budget,
                                    scores=scores, multiple=multiple)  # fmt: skip
-
-
-def is_sparse(keep, budget):
-    """Tokens are dropped: some keep below 1, or the adaptive budget."""
-    return any(k < 1 for k in (keep if isinstance(keep, (list, tuple)) else [keep])) or budget == "adaptive"
 
 
 def attention_scores(transformer, encoded, txt, h, w, sigma, seed, kv_pattern, queries="target", block=0):

@@ -16,7 +16,7 @@ import os
 import time
 
 from files import ArgumentParser, check_file, check_number, check_writable, check_writable_folder, fail, image_format, write_atomic
-from pipeline import COMPILE_BUCKET, MAX_IMAGES, add_common_args, check_common, check_sampling, generate, warn_slow_dtype
+from pipeline import COMPILE_BUCKET, MAX_IMAGES, add_common_args, check_common, check_sampling, generate, is_sparse, warn_slow_dtype
 from quant import FORMATS
 
 
@@ -102,7 +102,7 @@ def check_args(args):
     paths = output_paths(args.out, args.out_dir, prompts, seeds)
     if args.save_selection is not None and os.path.abspath(args.save_selection) in map(os.path.abspath, paths):
         raise ValueError(f"--save-selection {args.save_selection} is also an output image")
-    device, dtype = check_common(args, sparse=any(k < 1 for k in keep) or args.budget == "adaptive", attention=args.selector == "attention")
+    device, dtype = check_common(args, sparse=is_sparse(keep, args.budget), attention=args.selector == "attention")
     return prompts, seeds, paths, device, dtype
 
 
