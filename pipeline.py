@@ -9,7 +9,7 @@ once; the references are encoded and selected once, and with a KV cache their K/
 and shared by every prompt, seed and step. The options sample.py and compare.py share are defined and
 checked here too, before any model loads.
 
-May import: files, quant, model, vae, text_encoder, token_selectors, lora. No script (sample.py, compare.py, ...).
+May import: files, quant, model, vae, text_encoder, token_selectors, lora, calibrate. No script (sample.py, compare.py, ...).
 """
 
 import gc
@@ -26,6 +26,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from calibrate import calibrate_attention, load_calibration
 from files import DTYPES, check_number, check_writable, image_format, load_image, read_json, resolve_component, resolve_device, write_atomic
 from model import QUERIES, Flux2, KVCache, load_checkpoint, reference_attention
 from quant import check_weights
@@ -260,6 +261,7 @@ class SampleStats:
     seconds: dict = field(default_factory=dict)  # stage -> wall-clock seconds
     ref_tokens: list = field(default_factory=list)  # (before, after) selection, per reference
     kept: list = field(default_factory=list)  # kept token indices per reference (None: all)
+    rescored: list = field(default_factory=list)  # kept from the re-score's step on (attention_rescore_step), else empty
 
 
 def synchronize(device):
@@ -368,16 +370,37 @@ def select_references(images, keep, selector, task, seed, uniform_mix, budget, s
                                    scores=scores, multiple=multiple)  # fmt: skip
 
 
-def attention_scores(transformer, encoded, txt, h, w, sigma, seed, kv_pattern, queries="target", block=0):
+def attention_scores(transformer, encoded, txt, h, w, sigma, seed, kv_pattern, queries="target", block=0, x=None):
     """Per-reference (N_i,) scores from the transformer itself (model.reference_attention): every
-    reference token, the first image's noise (seed) at the first step's sigma, its prompt txt (1, L, J).
+    reference token, the first image's noise (seed) at sigma (the first step's, or a calibration's),
+    its prompt txt (1, L, J); x (1, N, C): score from this latent instead of the noise (a re-score).
     In the KV pattern with queries "references" the scores depend on the references alone."""
     ref, ref_ids = gather_references(encoded, [None] * len(encoded))
-    x = initial_noise(seed, transformer.cfg.in_channels, h, w, ref.dtype).to(ref.device)
-    t = sigma.reshape(1).to(ref.device, ref.dtype)
+    x = initial_noise(seed, transformer.cfg.in_channels, h, w, ref.dtype).to(ref.device) if x is None else x
+    t = torch.as_tensor(sigma).reshape(1).to(ref.device, ref.dtype)
     scores = reference_attention(transformer, x, grid_ids(h, w).to(ref.device), txt, text_ids(txt.shape[1]).to(ref.device), t,
                                  ref, ref_ids, block=block, queries=queries, kv_pattern=kv_pattern)[0]  # fmt: skip
     return list(scores.split([tokens.shape[1] for tokens, _ in encoded]))
+
+
+def rescore_references(transformer, encoded, kept, x, txt, h, w, sigma, select, kv_pattern, queries="target", block=0):
+    """ToPi's temporal update at one step: the kept set chosen again from the current latent.
+
+    Every reference token (not only the kept ones) enters one scoring pass (attention_scores) from x
+    (1, N, C), the first image's latent at the step's sigma, with its prompt txt; select (the run's
+    budget and sampling rule, seeded as the first selection was) draws the new kept indices. Returns
+    (kept, ref, ref_ids) of the new set, or None when it equals `kept`: the sampler then goes on as it
+    was, bit-identical to a run without the re-score (its KV cache included).
+
+    A KV cache is not patched for what changed: the sampler fills a new one for the new set (one
+    forward of its references in the KV pattern, at this step, by the first image). Keeping the
+    entries of tokens kept in both sets would not be exact: in the KV pattern references attend to
+    each other, so from the second block on a token's K/V depend on which other tokens are present.
+    """
+    new = select(attention_scores(transformer, encoded, txt, h, w, sigma, None, kv_pattern, queries, block, x=x))
+    if all(torch.equal(a, b) if a is not None and b is not None else a is b for a, b in zip(new, kept)):
+        return None
+    return (new, *gather_references(encoded, new))
 
 
 def vae_dtype(module):
@@ -428,12 +451,15 @@ LATENT_CAUSES = "the LoRA (--lora, --lora-scale), non-finite transformer weights
 
 
 def sample_latents(transformer, jobs, txts, h, w, steps, ref=None, ref_ids=None, kv_cache=False, guidance=1.0,
-                   neg=None, batch_size=1, progress=False):  # fmt: skip
+                   neg=None, batch_size=1, progress=False, rescore=None):  # fmt: skip
     """Final latents (1, h * w, C) for every (prompt, seed) job, batch_size images per transformer call.
 
     txts {prompt: (1, L, J)}. With kv_cache the references' K/V are extracted once, by the first
     image, and every other image of every batch attends to them (read in place, not recomputed). The
-    RoPE table is computed once for all of them.
+    RoPE table is computed once for all of them. rescore: None, or (K, function(x (1, N, C), sigma) ->
+    None or (kept, ref, ref_ids)), the temporal update (rescore_references): the first batch stops at
+    step K, its first image's latent re-selects the reference tokens, and every image runs steps K...
+    on the new set; with kv_cache a second cache holds the new set's K/V, filled once at step K.
     """
     device = txts[jobs[0][0]].device
     dtype = next(transformer.parameters()).dtype
@@ -441,14 +467,24 @@ def sample_latents(transformer, jobs, txts, h, w, steps, ref=None, ref_ids=None,
     txt_ids = text_ids(txts[jobs[0][0]].shape[1]).to(device)
     cache = KVCache() if kv_cache and ref is not None else None
     pe = transformer.rope(txt_ids, img_ids, ref_ids)
+    K = rescore[0] if rescore else steps  # the steps before K run on (ref, ref_ids), the rest on `after`
+    after = None  # (ref, ref_ids, cache, pe) from step K on, once the first batch has re-scored
     batches = [jobs[i : i + batch_size] for i in range(0, len(jobs), batch_size)]
     out = []
     for b, batch in enumerate(batches):
         x = torch.cat([initial_noise(s, transformer.cfg.in_channels, h, w, dtype) for _, s in batch]).to(device)
         txt = torch.cat([txts[p] for p, _ in batch])
         label = progress and ("denoising" if len(batches) == 1 else f"denoising {b + 1}/{len(batches)}")
-        x = denoise(transformer, x, img_ids, txt, txt_ids, sigmas, ref=ref, ref_ids=ref_ids, kv_cache=cache,
+        x = denoise(transformer, x, img_ids, txt, txt_ids, sigmas[: K + 1], ref=ref, ref_ids=ref_ids, kv_cache=cache,
                     guidance=guidance, neg_txt=neg, progress=label, pe=pe)  # fmt: skip
+        if rescore:  # ToPi's temporal update: step K on with the kept set the first image's latent chose
+            if after is None:
+                new = rescore[1](x[:1], sigmas[K])
+                after = (ref, ref_ids, cache, pe) if new is None else \
+                    (new[1], new[2], KVCache() if cache is not None else None, transformer.rope(txt_ids, img_ids, new[2]))  # fmt: skip
+            ref_K, ref_ids_K, cache_K, pe_K = after
+            x = denoise(transformer, x, img_ids, txt, txt_ids, sigmas[K:], ref=ref_K, ref_ids=ref_ids_K, kv_cache=cache_K,
+                        guidance=guidance, neg_txt=neg, progress=label, pe=pe_K)  # fmt: skip
         for (p, s), xi in zip(batch, x.split(1)):
             check_finite(xi, f"the sampled latent for prompt {p!r} seed {s}", LATENT_CAUSES)
         out += x.split(1)
@@ -466,6 +502,29 @@ def decode_latents(vae, latents, h, w, batch_size=1):
     return images
 
 
+def encode_inputs(folder, prompts, images, negative, dtype, device, batch_size=1, timer=None):
+    """The text encoder, then the VAE, each loaded once and freed: ({prompt: (1, L, J)}, the empty
+    negative prompt's (1, L, J) if `negative` else None, each reference's (tokens, ids), all tokens)."""
+    with loaded(TextEncoder, folder, dtype, device) as text:
+        txts = encode_prompts(text, prompts, batch_size)
+        neg = text.encode([""]) if negative else None
+    if timer:
+        timer.lap("text encoding")
+    encoded = []
+    if images:
+        with loaded(AutoEncoder, folder, dtype, device) as vae:
+            encoded = encode_references(vae, images, device, dtype)
+    if timer:
+        timer.lap("reference encoding")
+    return txts, neg, encoded
+
+
+def check_rescore_step(step, steps):
+    if steps < 2:
+        raise ValueError(f"--attention-rescore-step needs at least 2 denoising steps (--steps), not {steps}")
+    check_number("--attention-rescore-step", step, 1, steps - 1, integer=True)
+
+
 def output_size(images, height, width):
     """Output (h, w) in tokens: the first reference's size (else 1024 px) where not given, floored to 16 px."""
     w0, h0 = images[0].size if images else (1024, 1024)  # klein's default output size
@@ -478,7 +537,8 @@ def output_size(images, height, width):
 def generate(model, prompt, refs=(), steps=None, guidance=None, seed=0, height=None, width=None, kv_cache=False,
              keep=1.0, selector="auto", task="edit", uniform_mix=0.25, budget="uniform", lora=None, lora_scale=1.0,
              lora_merge=None, device=None, dtype=None, save_selection=None, selection_seed=0, batch_size=1, progress=True,
-             attention_queries="target", attention_block=0, weights=None, compile=False, transformer_source=None):  # fmt: skip
+             attention_queries="target", attention_block=0, weights=None, compile=False, transformer_source=None,
+             attention_sigma=None, attention_rescore_step=None):  # fmt: skip
     """Sample images; `model` is a klein repository folder or hub id.
 
     prompt: a prompt or a list of them; seed: a seed or a list; refs: paths or PIL images (a single
@@ -487,7 +547,11 @@ def generate(model, prompt, refs=(), steps=None, guidance=None, seed=0, height=N
     VAE-encoded and selected (seeded by selection_seed, the same for every image) once, and with
     kv_cache their K/V are extracted once for all images. selector "attention" ranks the reference
     tokens by the transformer's own attention (attention_scores, once, from the first image; the
-    pass is timed as "token scoring"). transformer_source: a transformer checkpoint instead of model's
+    pass is timed as "token scoring"), at the first step's sigma or attention_sigma (a calibration's,
+    in (0, 1]). attention_rescore_step K in [1, steps - 1]: ToPi's temporal update, every reference
+    token scored again at step K from the first image's latent and the kept set drawn again with
+    the same rule (rescore_references; stats.rescored; timed as "token scoring" too).
+    transformer_source: a transformer checkpoint instead of model's
     (a BFL single file such as BFL's fp8 flux-2-klein-9b-fp8.safetensors, or a transformer folder);
     its config is checked before anything loads. weights "fp8" or "int8": the transformer's block Linears in
     8 bits (Flux2.from_pretrained), the rest in dtype. Returns (image, SampleStats) for one prompt
@@ -509,6 +573,13 @@ def generate(model, prompt, refs=(), steps=None, guidance=None, seed=0, height=N
     if selector == "attention" and attention_queries not in QUERIES:
         raise ValueError(f"--attention-queries {attention_queries!r}: choose one of {', '.join(QUERIES)}")
     check_number("--attention-block", attention_block, 0, integer=True)
+    if attention_sigma is not None:
+        check_number("attention sigma", attention_sigma, 0, 1, low_open=True)
+    by_model = selector == "attention" and is_sparse(keep, budget) and bool(images)
+    if attention_rescore_step is not None and not by_model:
+        raise ValueError("--attention-rescore-step cannot apply without the attention selector and a keep below 1")
+    if attention_rescore_step is not None and compile:
+        raise ValueError("--attention-rescore-step cannot be combined with --compile (the scoring pass stops the forward at a block)")
     if weights is not None:
         check_weights(weights)
     if transformer_source is not None:
@@ -516,40 +587,43 @@ def generate(model, prompt, refs=(), steps=None, guidance=None, seed=0, height=N
     device, dtype = sampling_device(device, dtype)
     folder = resolve_source(model)
     steps, guidance = sampling_defaults(folder, steps, guidance)
+    if attention_rescore_step is not None:
+        check_rescore_step(attention_rescore_step, steps)
     stats = SampleStats()
     timer = Timer(stats, device)
     multiple = COMPILE_BUCKET if compile else 1
-    by_model = selector == "attention" and is_sparse(keep, budget)
     select = lambda scores=None: select_references(images, keep, selector, task, selection_seed, uniform_mix, budget, scores, multiple)  # noqa: E731
     kept = [] if not images else None if by_model else select()  # the attention selector needs the transformer
     h, w = output_size(images, height, width)
 
     with torch.no_grad():
-        with loaded(TextEncoder, folder, dtype, device) as text:
-            txts = encode_prompts(text, prompts, batch_size)
-            neg = text.encode([""]) if guidance > 1 else None
-        timer.lap("text encoding")
-
-        encoded = []
-        if images:
-            with loaded(AutoEncoder, folder, dtype, device) as vae:
-                encoded = encode_references(vae, images, device, dtype)
-        timer.lap("reference encoding")
-
+        txts, neg, encoded = encode_inputs(folder, prompts, images, guidance > 1, dtype, device, batch_size, timer)
         with loaded(Flux2, transformer_source or folder, dtype, device, lora, lora_scale, lora_merge, weights=weights) as transformer:
+            rescore = None
             if by_model:
                 timer.lap("denoising")  # loading the transformer counts there, as in a run without scoring
-                sigma = schedule(steps, h * w)[0]
+                sigma = schedule(steps, h * w)[0] if attention_sigma is None else torch.tensor(attention_sigma)
                 kept = select(attention_scores(transformer, encoded, txts[prompts[0]], h, w, sigma, seeds[0], kv_cache,
                                                attention_queries, attention_block))  # fmt: skip
                 timer.lap("token scoring")
+            if attention_rescore_step is not None:
+
+                def rescore_at_step(x, sigma):  # x (1, N, C): the first image's latent at step K
+                    timer.lap("denoising")
+                    new = rescore_references(transformer, encoded, kept, x, txts[prompts[0]], h, w, sigma, select, kv_cache,
+                                             attention_queries, attention_block)  # fmt: skip
+                    stats.rescored = kept if new is None else new[0]
+                    timer.lap("token scoring")
+                    return new
+
+                rescore = (attention_rescore_step, rescore_at_step)
             ref, ref_ids = gather_references(encoded, kept) if images else (None, None)
             stats.kept = kept
             stats.ref_tokens = [(tokens.shape[1], tokens.shape[1] if idx is None else len(idx)) for (tokens, _), idx in zip(encoded, kept)]
             if compile:
                 transformer.compile(fullgraph=True, dynamic=False)
             latents = sample_latents(transformer, jobs, txts, h, w, steps, ref, ref_ids, kv_cache, guidance, neg,
-                                     batch_size, progress)  # fmt: skip
+                                     batch_size, progress, rescore)  # fmt: skip
         timer.lap("denoising")
 
         with loaded(AutoEncoder, folder, dtype, device) as vae:
@@ -558,6 +632,44 @@ def generate(model, prompt, refs=(), steps=None, guidance=None, seed=0, height=N
     if save_selection:  # only once every image exists: a failed run leaves nothing behind
         save_selection_image(images, kept, save_selection)
     return (outputs[0] if single else outputs), stats
+
+
+CALIBRATION_SIGMAS = 4  # at most this many candidate sigmas, evenly spread over the schedule's steps
+
+
+def calibrate_selector(model, prompt, refs, seed=0, steps=None, height=None, width=None, kv_cache=False, exact=False,
+                       lora=None, lora_scale=1.0, lora_merge=None, device=None, dtype=None, weights=None,
+                       transformer_source=None, progress=True):  # fmt: skip
+    """ToPi's offline calibration of the attention selector (calibrate.calibrate_attention) on
+    validation examples: every (prompt, seed) pair is one example, the seed's noise with every token
+    of refs, encoded and loaded as generate() does (one component at a time). The candidates: every
+    block, every queries choice and the sigmas of up to CALIBRATION_SIGMAS of the schedule's steps
+    (steps and the output size as generate's). kv_cache: calibrate for the KV pattern (references at
+    t = 0, attending only to references), the one --kv-cache samples with. exact: the exact influence
+    (one forward per reference token) instead of the proxy. Returns calibrate_attention's dict."""
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    seeds = [seed] if isinstance(seed, numbers.Integral) else list(seed)
+    images = load_references(refs)
+    if not images:
+        raise ValueError("the calibration needs reference images (--ref): their tokens are what it ranks")
+    check_sampling(prompts, seeds, len(images), steps, None, height, width, lora=lora, lora_scale=lora_scale)
+    if weights is not None:
+        check_weights(weights)
+    device, dtype = sampling_device(device, dtype)
+    folder = resolve_source(model)
+    steps, _ = sampling_defaults(folder, steps, 1.0)
+    h, w = output_size(images, height, width)
+    sigmas = schedule(steps, h * w)[:-1]
+    sigmas = sigmas[torch.linspace(0, steps - 1, min(steps, CALIBRATION_SIGMAS)).round().long()].tolist()
+    say = (lambda message: print(message, file=sys.stderr)) if progress else None  # noqa: E731
+    with torch.no_grad():
+        txts, _, encoded = encode_inputs(folder, prompts, images, False, dtype, device)
+        ref, ref_ids = gather_references(encoded, [None] * len(encoded))
+        img_ids = grid_ids(h, w).to(device)
+        with loaded(Flux2, transformer_source or folder, dtype, device, lora, lora_scale, lora_merge, weights=weights) as transformer:
+            examples = [(initial_noise(s, transformer.cfg.in_channels, h, w, dtype).to(device), img_ids, txts[p],
+                         text_ids(txts[p].shape[1]).to(device), ref, ref_ids) for p in prompts for s in seeds]  # fmt: skip
+            return calibrate_attention(transformer, examples, sigmas, kv_pattern=kv_cache, exact=exact, progress=say)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -610,9 +722,13 @@ def check_common(args, sparse, attention=False):
         raise ValueError(f"{'--lora-scale' if args.lora_scale is not None else '--lora-merge'} cannot apply without --lora")
     if args.selection_seed is not None:
         check_number("--selection-seed", args.selection_seed, 0, 2**63 - 1, integer=True)
-    given = [o for o, v in (("--attention-queries", args.attention_queries), ("--attention-block", args.attention_block)) if v is not None]
+    calibration, rescore = getattr(args, "attention_calibration", None), getattr(args, "attention_rescore_step", None)  # sample.py's
+    given = [o for o, v in (("--attention-queries", args.attention_queries), ("--attention-block", args.attention_block),
+                            ("--attention-calibration", calibration), ("--attention-rescore-step", rescore)) if v is not None]  # fmt: skip
     if given and not (attention and sparse):
         raise ValueError(f"{', '.join(given)} cannot apply without the attention selector and a keep below 1")
+    if calibration is not None and (args.attention_queries is not None or args.attention_block is not None):
+        raise ValueError("--attention-calibration sets the block and queries: give it or --attention-block/--attention-queries, not both")
     device, dtype = sampling_device(args.device, args.dtype)
     load_references(args.ref)  # every reference exists, is an image and has a usable size
     folder = resolve_source(args.model)
@@ -620,6 +736,13 @@ def check_common(args, sparse, attention=False):
     cfg, _ = load_checkpoint(getattr(args, "transformer", None) or folder)  # the config, checked; the weights memory-mapped, unread
     if args.attention_block is not None:
         check_number("--attention-block", args.attention_block, 0, cfg.depth + cfg.depth_single - 1, integer=True)
+    if calibration is not None:
+        kv = load_calibration(calibration, cfg.depth + cfg.depth_single)["kv_cache"]
+        if kv is not None and kv != bool(args.kv_cache):
+            raise ValueError(f"attention calibration file {calibration} was calibrated {'with' if kv else 'without'} --kv-cache "
+                             f"(the references' attention pattern): sample {'with' if kv else 'without'} it, or calibrate again")  # fmt: skip
+    if rescore is not None:
+        check_rescore_step(rescore, sampling_defaults(folder, args.steps, args.guidance)[0])
     return device, dtype
 
 

@@ -8,17 +8,31 @@ r"""Sample FLUX.2 [klein] with (sparse) reference images, one image or many: the
 Every option is checked before any model loads; then pipeline.generate() samples every (prompt, seed)
 image, and each is written atomically once all of them exist.
 
-May import: files, pipeline, quant (the --weights formats). No other script.
+    python sample.py --model ... --ref val.png --prompt "a validation prompt" --seeds 0 1 --calibrate cal.json
+    python sample.py --model ... --ref cat.png --prompt "..." --keep 0.1 --selector attention \
+        --attention-calibration cal.json --attention-rescore-step 2 --out out.png
+
+--calibrate runs ToPi's calibration of the attention selector (pipeline.calibrate_selector) on the
+command's own references, prompts and seeds, a few validation examples, writes the JSON file and
+samples nothing; --attention-calibration reuses the file.
+
+May import: files, pipeline, calibrate (the calibration file), quant (the --weights formats). No other script.
 """
 
 import argparse
 import os
 import time
 
+from calibrate import load_calibration, save_calibration
 from files import ArgumentParser, check_file, check_number, check_writable, check_writable_folder, fail, image_format, write_atomic
-from pipeline import COMPILE_BUCKET, MAX_IMAGES, add_common_args, check_common, check_sampling, generate, is_sparse, warn_slow_dtype
+from pipeline import (COMPILE_BUCKET, MAX_IMAGES, add_common_args, calibrate_selector, check_common, check_sampling, generate, is_sparse,
+                      warn_slow_dtype)  # fmt: skip
 from quant import FORMATS
 
+# options of sampling alone: an error with --calibrate, which samples no image
+NOT_WITH_CALIBRATE = ("--out", "--out-dir", "--keep", "--selector", "--save-selection", "--budget", "--uniform-mix", "--task",
+                      "--selection-seed", "--guidance", "--compile", "--attention-block", "--attention-queries",
+                      "--attention-calibration", "--attention-rescore-step")  # fmt: skip
 
 
 def read_prompts(path):
@@ -68,16 +82,39 @@ def parser():
                         "flux-2-klein-9b-fp8.safetensors, with --weights fp8) or a transformer folder (default: --model's)")  # fmt: skip
     p.add_argument("--compile", action="store_true",
                    help=f"torch.compile the transformer (fullgraph); kept counts round up to a multiple of {COMPILE_BUCKET} tokens (default: off)")  # fmt: skip
+    p.add_argument("--attention-calibration", default=None, metavar="FILE",
+                   help="the attention selector's block, queries and sigma from a --calibrate file (default: none)")
+    p.add_argument("--attention-rescore-step", type=int, default=None, metavar="K",
+                   help="ToPi's temporal update: at step K (1 to steps - 1) score every reference token again from the "
+                        "current latent and choose the kept set again (default: none)")  # fmt: skip
+    p.add_argument("--calibrate", default=None, metavar="OUT.json",
+                   help="calibrate the attention selector on this command's references, prompts and seeds (a few "
+                        "validation examples), write OUT.json and sample nothing (default: none)")  # fmt: skip
+    p.add_argument("--calibrate-exact", action="store_true",
+                   help="--calibrate with the exact influence, one forward per reference token (tiny models only) (default: the proxy)")
     return p
 
 
+def check_calibrate(args, prompts, seeds):
+    """--calibrate's options, before any model loads; returns (device, dtype)."""
+    given = [o for o in NOT_WITH_CALIBRATE if getattr(args, o[2:].replace("-", "_")) not in (None, False)]
+    if given:
+        raise ValueError(f"{', '.join(given)} cannot apply with --calibrate (it calibrates the attention selector and samples no image)")
+    if not args.ref:
+        raise ValueError("--calibrate needs reference images (--ref): their tokens are what it ranks")
+    check_writable(args.calibrate, "--calibrate")
+    check_sampling(prompts, seeds, len(args.ref), args.steps, None, args.height, args.width, lora=args.lora,
+                   lora_scale=1.0 if args.lora_scale is None else args.lora_scale)  # fmt: skip
+    return check_common(args, sparse=True, attention=True)  # the selection options were refused above
+
+
 def check_args(args):
-    """Every option, before any model loads; returns (prompts, seeds, paths, device, dtype)."""
+    """Every option, before any model loads; returns (prompts, seeds, paths, device, dtype) (paths: [] with --calibrate)."""
     prompts = list(args.prompt) + (read_prompts(args.prompts) if args.prompts is not None else [])
     if not prompts:
         raise ValueError("no prompt: give --prompt TEXT (repeatable) or --prompts FILE")
-    if (args.out is None) == (args.out_dir is None):
-        raise ValueError("give exactly one of --out and --out-dir")
+    if args.calibrate_exact and args.calibrate is None:
+        raise ValueError("--calibrate-exact cannot apply without --calibrate")
     if args.seeds is not None and (args.seed is not None or args.num_images is not None):
         raise ValueError("--seeds cannot be combined with --seed or --num-images")
     if args.num_images is not None:
@@ -85,6 +122,12 @@ def check_args(args):
     seed = 0 if args.seed is None else args.seed
     check_number("--seed", seed, 0, 2**63 - 1, integer=True)
     seeds = args.seeds or list(range(seed, seed + (args.num_images or 1)))
+    if args.calibrate is not None:
+        return (prompts, seeds, [], *check_calibrate(args, prompts, seeds))
+    if args.attention_rescore_step is not None and args.compile:
+        raise ValueError("--attention-rescore-step cannot be combined with --compile (the scoring pass stops the forward at a block)")
+    if (args.out is None) == (args.out_dir is None):
+        raise ValueError("give exactly one of --out and --out-dir (or --calibrate)")
     keep = args.keep or [1.0]
     if not args.ref and args.selector is not None:
         raise ValueError("--selector cannot apply without a reference image (--ref)")
@@ -114,7 +157,11 @@ def main(argv=None):
     except (OSError, ValueError) as e:
         fail(e)
     warn_slow_dtype(device, dtype)
+    if args.calibrate is not None:
+        return calibrate(args, prompts, seeds, device, dtype, start)
     keep = args.keep or [1.0]
+    attention = (load_calibration(args.attention_calibration) if args.attention_calibration is not None else  # checked by check_args
+                 dict(block=args.attention_block or 0, queries=args.attention_queries or "target", sigma=None))  # fmt: skip
     try:
         images, stats = generate(args.model, prompts, args.ref, steps=args.steps, guidance=args.guidance, seed=seeds,
                                  height=args.height, width=args.width, kv_cache=args.kv_cache,
@@ -124,20 +171,42 @@ def main(argv=None):
                                  lora_scale=1.0 if args.lora_scale is None else args.lora_scale,
                                  lora_merge=True if args.lora_merge else None, device=device, dtype=dtype,
                                  save_selection=args.save_selection, selection_seed=args.selection_seed or 0,
-                                 batch_size=args.batch_size, attention_queries=args.attention_queries or "target",
-                                 attention_block=args.attention_block or 0, weights=args.weights, compile=args.compile,
-                                 transformer_source=args.transformer)  # fmt: skip
+                                 batch_size=args.batch_size, attention_queries=attention["queries"],
+                                 attention_block=attention["block"], attention_sigma=attention["sigma"], weights=args.weights,
+                                 compile=args.compile, transformer_source=args.transformer,
+                                 attention_rescore_step=args.attention_rescore_step)  # fmt: skip
         for image, path in zip(images, paths):
             write_atomic(path, image)
     except (OSError, ValueError, RuntimeError, KeyError) as e:
         fail(e)
     for k, (before, after) in enumerate(stats.ref_tokens):
         print(f"reference {k}: {after} of {before} tokens kept ({after / before:.1%})")
+    if stats.rescored:
+        changed = sum(len(set(b.tolist()) - set(a.tolist())) for a, b in zip(stats.kept, stats.rescored))
+        print(f"re-scored at step {args.attention_rescore_step}: {changed} kept token(s) replaced")
     total = time.perf_counter() - start
     print("  ".join(f"{stage}: {sec:.2f}s" for stage, sec in stats.seconds.items())
           + f"  total: {total:.2f}s for {len(paths)} image(s), {total / len(paths):.2f}s per image")  # fmt: skip
     for path in paths + ([args.save_selection] if args.save_selection else []):
         print(f"wrote {path}")
+
+
+def calibrate(args, prompts, seeds, device, dtype, start):
+    """--calibrate: the calibration, its file, a summary."""
+    try:
+        calibration = calibrate_selector(args.model, prompts, args.ref, seeds, steps=args.steps, height=args.height,
+                                         width=args.width, kv_cache=args.kv_cache, exact=args.calibrate_exact, lora=args.lora,
+                                         lora_scale=1.0 if args.lora_scale is None else args.lora_scale,
+                                         lora_merge=True if args.lora_merge else None, device=device, dtype=dtype,
+                                         weights=args.weights, transformer_source=args.transformer)  # fmt: skip
+        save_calibration(args.calibrate, calibration)
+    except (OSError, ValueError, RuntimeError, KeyError) as e:
+        fail(e)
+    c = calibration
+    print(f"calibration over {len(prompts) * len(seeds)} example(s), {len(c['table'])} candidates ({c['influence']} influence): "
+          f"block {c['block']}, queries {c['queries']}, sigma {c['sigma']:.4f}, Spearman {c['spearman']:.3f}")  # fmt: skip
+    print(f"total: {time.perf_counter() - start:.2f}s")
+    print(f"wrote {args.calibrate}")
 
 
 if __name__ == "__main__":
