@@ -50,6 +50,26 @@ def test_quick_run_writes_every_table_and_figure(quick_run):
     assert models == {"base", "control", "drop", "drop-mix", "base-kv", "drop-kv", "fill"}
     assert all(math.isfinite(m[0]) for v in results["summary"].values() for m in v.values())
     assert {(r["refs"], r["kv"]) for r in results["speed"]} == {(3, False), (3, True), (6, False), (6, True)}
+    # the model-aware selectors ran on exactly the models they are for, at every keep below 1
+    for sel, names in R.MODEL_AWARE.items():
+        scored = {tuple(key.split("|")[:2]) for key in results["summary"] if key.split("|")[2] == sel}
+        assert scored == {(n, t) for n in names for t in R.TASKS}, sel
+
+
+def test_topi_calibration_is_saved_once_and_is_the_best_of_its_table(tmp_path, monkeypatch):
+    torch.manual_seed(0)
+    model = Flux2(R.base_config(R.SETTINGS["quick"]))
+    val = R.make_split("val", 2, 4321)
+    path = tmp_path / "topi.json"
+    got = R.calibrate_topi(model, val, str(path), 4)
+    table = json.loads(path.read_text())["table"]
+    assert len({row["sigma"] for row in table}) == 2  # steps 0 and 2 of 4
+    best = max(table, key=lambda r: r["spearman"])
+    assert (got["block"], got["queries"], got["sigma"]) == (best["block"], best["queries"], best["sigma"])
+    import calibrate
+
+    monkeypatch.setattr(calibrate, "calibrate_attention", lambda *a, **k: pytest.fail("recalibrated"))
+    assert R.calibrate_topi(model, val, str(path), 4) == got  # reused from the file
 
 
 def test_training_cache_holds_only_training_photographs(quick_run):
@@ -105,15 +125,15 @@ def test_a_fine_tune_is_reused_only_for_the_same_base_and_command(tmp_path, monk
 
     monkeypatch.setattr(R.subprocess, "run", train_py)
     args = ("drop", str(tmp_path / "base.safetensors"), str(tmp_path / "cache"), str(out))
-    assert R.fine_tune(*args, settings, 0)[1] == "trained" and "--resume" not in calls[-1]
-    assert R.fine_tune(*args, settings, 0)[1] == "cached" and len(calls) == 1
+    assert R.fine_tune(*args, settings, 0, 1)[1] == "trained" and "--resume" not in calls[-1]
+    assert R.fine_tune(*args, settings, 0, 1)[1] == "cached" and len(calls) == 1
     torch.save({"step": 1}, out / "checkpoint.pt")  # killed after its first checkpoint
-    assert R.fine_tune(*args, settings, 0)[1] == "trained" and calls[-1][-1] == "--resume"
+    assert R.fine_tune(*args, settings, 0, 1)[1] == "trained" and calls[-1][-1] == "--resume"
     (out / "old.txt").write_text("from the run on the previous base")
     new_base = dict(settings, base_steps=settings["base_steps"] + 1)
-    assert R.fine_tune(*args, new_base, 0)[1] == "trained" and "--resume" not in calls[-1]
+    assert R.fine_tune(*args, new_base, 0, 1)[1] == "trained" and "--resume" not in calls[-1]
     assert not (out / "old.txt").exists() and len(calls) == 3
-    assert R.fine_tune(*args, settings, 1)[1] == "trained" and len(calls) == 4  # another seed: another command
+    assert R.fine_tune(*args, settings, 1, 1)[1] == "trained" and len(calls) == 4  # another seed: another command
 
 
 def test_the_gate_refuses_an_untrained_base(tmp_path, capsys):
