@@ -203,3 +203,10 @@ def test_the_share_of_the_gap_is_per_seed_and_undefined_without_a_gap():
            ("drop", "edit", "canny", 0.1, 1): {"psnr": 11.0}, ("control", "edit", "canny", 0.1, 1): {"psnr": 11.0}}  # fmt: skip
     assert R.gap_shares(res, "edit", "canny", top=14.0) == [0.5, 0.0]  # (12 - 10) / (14 - 10), (11 - 11) / (14 - 11)
     assert R.gap_shares(res, "edit", "canny", top=11.05) is None  # seed 1's control is at the ceiling: no gap
+
+
+def test_the_report_names_every_test_prompt_below_the_margin_and_only_those():
+    gates = {"val": {R.EDITS[0]: (40.0, 10.0)}, "test": {R.EDITS[0]: (19.9, 10.0), R.EDITS[1]: (20.0, 10.0), R.MULTI: (5.0, 10.0)}}
+    (line, _) = R.gate_shortfalls(gates)
+    assert R.EDITS[0] in line and R.MULTI in line and R.EDITS[1] not in line and "outlines are" not in line
+    assert R.gate_shortfalls({"val": gates["val"]}) == [] and R.gate_shortfalls({"test": {R.EDITS[1]: (20.0, 10.0)}}) == []
