@@ -74,11 +74,11 @@ def parse_line(text, folder):
         return None, f"bad JSON: {e}"
     if not isinstance(record, dict):
         return None, f"expected a JSON object, got {type(record).__name__}"
-    for field, kind in FIELDS.items():
-        if field not in record:
-            return None, f"missing field {field!r}"
-        if not isinstance(record[field], kind):
-            return None, f"field {field!r} must be a {kind.__name__}, got {type(record[field]).__name__}"
+    for name, kind in FIELDS.items():
+        if name not in record:
+            return None, f"missing field {name!r}"
+        if not isinstance(record[name], kind):
+            return None, f"field {name!r} must be a {kind.__name__}, got {type(record[name]).__name__}"
     if not all(isinstance(r, str) for r in record["references"]):
         return None, "field 'references' must be a list of strings (image paths)"
     if not record["references"]:
