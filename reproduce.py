@@ -602,9 +602,9 @@ def evaluate(models, examples, settings, kv_models=(), configs=None, topi=None):
                     kept = select([examples[i] for i in idx], keep, selector, seed, budget, model=model, how=how[selector])
                 pred = sample_batch(model, [items[i] for i in idx], kept, settings["sample_steps"], seed, name in kv_models)
                 results[(name, task, selector, keep, seed)] = metrics(pred, truth[idx])
-                if seed == 0 and keep in (1.0, 0.1):
+                if seed == 0 and keep in (1.0, 0.1) and not by_model:  # what the grids show
                     images[(name, task, selector, keep)] = pred
-                    images[("kept" if not by_model else f"kept {name}", task, selector, keep)] = kept
+                    images[("kept", task, selector, keep)] = kept
             bar.update()
     bar.close()
     return results, images, truth
