@@ -34,9 +34,9 @@ import torch
 from files import DTYPES, ArgumentParser, check_number, check_writable, resolve_device, write_atomic
 from memory_plan import activation_peak, memory_section, plan_rows
 from model import Flux2, Flux2Config, KVCache, reference_attention
-from pipeline import (denoise, gather_references, generate, grid_ids, initial_noise, sample_latents, schedule,
-                      synchronize, text_ids)  # fmt: skip
-from token_selectors import n_keep, select_tokens
+from klein import grid_ids, initial_noise, n_keep, schedule, text_ids
+from pipeline import denoise, gather_references, generate, sample_latents, synchronize
+from token_selectors import select_tokens
 
 REFS = (1, 2, 4, 6)
 KEEPS = (1.0, 0.25, 0.1, 0.05)

@@ -28,7 +28,7 @@ from safetensors.torch import load_file
 from tqdm import tqdm
 
 from files import ArgumentParser, check_file, field, load_image, read_json, remove_stale_temps, resolve_device, write_atomic
-from pipeline import prepare_reference, to_tensor
+from klein import prepare_reference, to_tensor
 
 TASKS = ("edit", "subject")
 MIN_AREA, MAX_AREA = 64 * 64, 8192 * 8192  # klein's smallest reference side is 64 px
@@ -167,7 +167,7 @@ def check_out_dir(out_dir, flag="--out"):
 def cache_dataset(manifest, vae, text_encoder, out_dir, max_area=1024 * 1024, skip_bad=False, progress=True):
     """Encode every example once: VAE latents of target and references, text context of the prompt.
 
-    Images are prepared like klein's references (sample.prepare_reference: at most max_area pixels,
+    Images are prepared like klein's references (klein.prepare_reference: at most max_area pixels,
     center-cropped to multiples of 16), targets too, so an edit stays pixel-aligned with its source.
     Resumable: an example whose latents file exists for the same images and max_area is skipped, and
     so is a prompt already encoded; every file is written atomically, index.json last, so a run

@@ -26,8 +26,7 @@ import lora
 import model as flux2
 from model import Flux2, KVCache
 from quant import BLOCKS
-from pipeline import grid_ids, text_ids
-from token_selectors import n_keep
+from klein import grid_ids, n_keep, text_ids
 
 GB = 1024**3
 

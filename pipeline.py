@@ -32,50 +32,15 @@ from model import QUERIES, Flux2, KVCache, load_checkpoint, reference_attention
 from quant import check_weights
 from text_encoder import TextEncoder
 from token_selectors import draw_selection, select_reference_tokens
-from vae import AutoEncoder, pack, unpack
+from klein import MAX_STEPS, grid_ids, initial_noise, pack, prepare_reference, reference_ids, schedule, text_ids, to_image, to_tensor, unpack
+from vae import AutoEncoder
 
-MAX_SAMPLING_STEPS = 1000  # denoising steps; klein uses 4 (distilled) or 50 (base)
 MAX_SIDE = 4096  # output pixels a side (klein generates up to 4 megapixels)
 MAX_IMAGES = 10000  # images per run
 COMPILE_BUCKET = 64  # with compile, kept reference-token counts round up to a multiple of this
 
 # ----------------------------------------------------------------------------------------------
-# Positions and schedule (pure functions)
-
-
-def text_ids(length):
-    """(L, 4) ids (0, 0, 0, i) for every text token, padding included."""
-    ids = torch.zeros(length, 4, dtype=torch.long)
-    ids[:, 3] = torch.arange(length)
-    return ids
-
-
-def grid_ids(h, w, t=0):
-    """(h * w, 4) ids (t, row, col, 0) of a token grid, row-major. Reference k has t = 10 (k + 1)."""
-    r, c = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
-    return torch.stack([torch.full_like(r, t), r, c, torch.zeros_like(r)], dim=-1).flatten(0, 1)
-
-
-def empirical_mu(seq_len, num_steps):
-    """klein's schedule shift, fitted on the number of target tokens (references excluded)."""
-    a1, b1, a2, b2 = 8.73809524e-05, 1.89833333, 0.00016927, 0.45666666
-    if seq_len > 4300:
-        return a2 * seq_len + b2
-    m200, m10 = a2 * seq_len + b2, a1 * seq_len + b1
-    a = (m200 - m10) / 190.0
-    return a * num_steps + (m200 - 200.0 * a)
-
-
-def schedule(num_steps, seq_len):
-    """(num_steps + 1,) float32 sigmas from 1 to 0: linspace(1, 1/N, N), exponentially shifted.
-
-    At most MAX_SAMPLING_STEPS steps: far beyond that the fitted shift underflows exp() and sigmas turn NaN.
-    """
-    check_number("--steps", num_steps, 1, MAX_SAMPLING_STEPS, integer=True)
-    s = np.linspace(1.0, 1.0 / num_steps, num_steps).astype(np.float32)
-    e = math.exp(empirical_mu(seq_len, num_steps))
-    s = e / (e + (1 / s - 1))  # float32, as diffusers' scheduler computes it
-    return torch.cat([torch.from_numpy(s).float(), torch.zeros(1)])
+# The denoising loop (pure functions)
 
 
 def velocity(model, x, img_ids, txt, txt_ids, t, ref, ref_ids, cache, pe):
@@ -131,38 +96,6 @@ def denoise(model, x, img_ids, txt, txt_ids, sigmas, ref=None, ref_ids=None, kv_
 # Reference images
 
 
-def prepare_reference(image, max_area=1024 * 1024):
-    """PIL image (any mode) -> RGB PIL image exactly as klein prepares a reference.
-
-    At least 64 px a side and aspect ratio at most 8; larger than max_area: LANCZOS-resized to that
-    area; then center-cropped to multiples of 16.
-    """
-    w, h = image.size
-    if w < 64 or h < 64:
-        raise ValueError(f"reference image too small: {w}x{h}; both sides must be at least 64 px")
-    if max(w / h, h / w) > 8:
-        raise ValueError(f"reference aspect ratio too extreme: {w}x{h}; at most 8:1")
-    if w * h > max_area:
-        scale = math.sqrt(max_area / (w * h))
-        image = image.resize((int(w * scale), int(h * scale)), Image.Resampling.LANCZOS)
-        w, h = image.size
-    cw, ch = w // 16 * 16, h // 16 * 16
-    left, top = (w - cw) // 2, (h - ch) // 2
-    return image.crop((left, top, left + cw, top + ch)).convert("RGB")
-
-
-def to_tensor(image):
-    """RGB PIL image -> (1, 3, H, W) float32 in [-1, 1]."""
-    x = torch.from_numpy(np.array(image).astype(np.float32) / 255.0)
-    return (2 * x - 1).permute(2, 0, 1)[None]
-
-
-def to_image(x):
-    """(3, H, W) in [-1, 1] -> PIL image, rounded as diffusers' postprocess does."""
-    x = ((x.float().clamp(-1, 1) + 1) / 2).permute(1, 2, 0).cpu().numpy()
-    return Image.fromarray((x * 255).round().astype(np.uint8))
-
-
 def load_references(refs):
     """Paths or PIL images (one path alone is one reference) -> RGB PIL images prepared as klein does."""
     refs = [refs] if isinstance(refs, (str, os.PathLike, Image.Image)) else list(refs)
@@ -206,7 +139,7 @@ def check_sampling(prompts, seeds, n_refs, steps=None, guidance=None, height=Non
         raise ValueError(f"--seeds repeats a seed: {list(seeds)}")
     check_number("number of images (prompts x seeds)", len(prompts) * len(seeds), 1, MAX_IMAGES, integer=True)
     if steps is not None:
-        check_number("--steps", steps, 1, MAX_SAMPLING_STEPS, integer=True)
+        check_number("--steps", steps, 1, MAX_STEPS, integer=True)
     if guidance is not None:
         check_number("--guidance", guidance, 1)
     for option, v in (("--height", height), ("--width", width)):
@@ -422,7 +355,7 @@ def encode_references(vae, images, device, dtype):
     out = []
     for k, image in enumerate(images):
         z = vae.encode(to_tensor(image).to(device, vae_dtype(vae)))  # (1, 128, h, w)
-        out.append((pack(z).to(dtype), grid_ids(z.shape[2], z.shape[3], t=10 * (k + 1)).to(device)))
+        out.append((pack(z).to(dtype), reference_ids(k, z.shape[2], z.shape[3]).to(device)))
     return out
 
 
@@ -439,12 +372,6 @@ def gather_references(encoded, kept):
         refs.append(tokens)
         ids.append(tids)
     return torch.cat(refs, dim=1), torch.cat(ids)
-
-
-def initial_noise(seed, channels, h, w, dtype):
-    """(1, h * w, C) packed noise drawn as diffusers draws it: CPU generator, shape (1, C, h, w)."""
-    g = torch.Generator("cpu").manual_seed(seed)
-    return pack(torch.randn(1, channels, h, w, generator=g, dtype=dtype))
 
 
 LATENT_CAUSES = "the LoRA (--lora, --lora-scale), non-finite transformer weights, or --guidance"
@@ -682,7 +609,7 @@ def add_common_args(p):
     p.add_argument("--ref", action="extend", nargs="+", default=[], metavar="IMAGE",
                    help="reference image(s), repeatable (--ref a.png b.png and --ref a.png --ref b.png both give two); "
                         "reference k gets position t = 10 (k + 1) (default: none)")  # fmt: skip
-    p.add_argument("--steps", type=int, default=None, help=f"denoising steps, 1 to {MAX_SAMPLING_STEPS} (default: 4 distilled, 50 base)")
+    p.add_argument("--steps", type=int, default=None, help=f"denoising steps, 1 to {MAX_STEPS} (default: 4 distilled, 50 base)")
     p.add_argument("--guidance", type=float, default=None, help="CFG scale, >= 1; 1 turns CFG off (default: 1 distilled, 4 base)")
     p.add_argument("--height", type=int, default=None, help=f"output height, 16 to {MAX_SIDE}, floored to a multiple of 16 (default: first reference's, else 1024)")
     p.add_argument("--width", type=int, default=None, help=f"output width, 16 to {MAX_SIDE}, floored to a multiple of 16 (default: first reference's, else 1024)")

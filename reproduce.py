@@ -56,7 +56,8 @@ from compare import psnr, ssim
 from data import CachedDataset, text_file
 from files import write_atomic
 from model import Flux2, Flux2Config, KVCache, reference_attention
-from pipeline import denoise, grid_ids, schedule, text_ids
+from klein import grid_ids, schedule, text_ids
+from pipeline import denoise
 from token_selectors import draw_selection, select_reference_tokens
 from train import flow_matching_loss, forward_groups, generator, training_example
 

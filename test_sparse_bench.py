@@ -13,7 +13,7 @@ import bench
 import lora
 from bench import HEADER, KEEPS, PER_IMAGE, PER_IMAGE_HEADING, REFS, bench_config, forward_flops, loop_flops
 from model import Flux2, Flux2Config
-from token_selectors import n_keep
+from klein import n_keep
 
 
 HERE = os.path.dirname(os.path.abspath(__file__))

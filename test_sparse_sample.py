@@ -15,6 +15,7 @@ from diffusers.pipelines.flux2.image_processor import Flux2ImageProcessor
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
+import klein
 import pipeline
 import sample
 from tiny import HIDDEN, make_pipeline_folder, photo
@@ -92,15 +93,15 @@ def test_reference_preprocessing_equals_diffusers(size, mode):
         ref = proc._resize_to_target_area(ref, 1024 * 1024)
     w, h = ref.size[0] // 16 * 16, ref.size[1] // 16 * 16
     want = proc.preprocess(ref, height=h, width=w, resize_mode="crop")
-    ours = pipeline.prepare_reference(image)
+    ours = klein.prepare_reference(image)
     assert ours.size == (w, h)
-    assert torch.equal(pipeline.to_tensor(ours), want)
+    assert torch.equal(klein.to_tensor(ours), want)
 
 
 @pytest.mark.parametrize("size", [(63, 200), (600, 70)])
 def test_reference_size_errors(size):
     with pytest.raises(ValueError, match="too small|aspect ratio"):
-        pipeline.prepare_reference(photo(*size))
+        klein.prepare_reference(photo(*size))
     with pytest.raises(ValueError):
         Flux2ImageProcessor.check_image_input(photo(*size))  # diffusers refuses the same images
 
@@ -111,8 +112,8 @@ def test_schedule_equals_diffusers_scheduler():
         from diffusers.pipelines.flux2.pipeline_flux2_klein import compute_empirical_mu
 
         sched.set_timesteps(sigmas=np.linspace(1.0, 1 / n, n), mu=compute_empirical_mu(seq, n))
-        assert torch.equal(pipeline.schedule(n, seq), sched.sigmas)
-    assert pipeline.schedule(4, 4096)[:4].tolist() == pytest.approx([1.0, 0.9674, 0.9081, 0.7672], abs=1e-4)
+        assert torch.equal(klein.schedule(n, seq), sched.sigmas)
+    assert klein.schedule(4, 4096)[:4].tolist() == pytest.approx([1.0, 0.9674, 0.9081, 0.7672], abs=1e-4)
 
 
 def run_cli(*args):
@@ -266,7 +267,7 @@ def diffusers_loop(pipe, refs, kept, seed, steps=4, kv=False):
 
     with torch.no_grad():
         txt, txt_ids = pipe.encode_prompt(prompt="a red cube", device="cpu", max_sequence_length=512)
-        images = [pipeline.to_tensor(pipeline.prepare_reference(r)) for r in refs]
+        images = [klein.to_tensor(klein.prepare_reference(r)) for r in refs]
         ref, ref_ids = pipe.prepare_image_latents(images=images, batch_size=1, generator=None, device="cpu", dtype=torch.float32)
         offsets = np.cumsum([0] + [im.shape[2] * im.shape[3] // 256 for im in images])
         rows = torch.cat([torch.as_tensor(idx) + int(o) for idx, o in zip(kept, offsets)])
@@ -333,12 +334,12 @@ def test_attention_selector_equals_its_kept_indices_by_hand(distilled, kv, budge
     transformer = Flux2.from_pretrained(str(root))
     with torch.no_grad():
         txt, txt_ids = pipe.encode_prompt(prompt="a red cube", device="cpu", max_sequence_length=512)
-        latents = [pipeline.to_tensor(im) for im in images]
+        latents = [klein.to_tensor(im) for im in images]
         ref, ref_ids = pipe.prepare_image_latents(images=latents, batch_size=1, generator=None, device="cpu", dtype=torch.float32)
     h, w = images[0].size[1] // 16, images[0].size[0] // 16
-    x = pipeline.initial_noise(9, transformer.cfg.in_channels, h, w, torch.float32)
-    sigma = pipeline.schedule(4, h * w)[:1]
-    scores = reference_attention(transformer, x, pipeline.grid_ids(h, w), txt, txt_ids[0], sigma, ref, ref_ids[0],
+    x = klein.initial_noise(9, transformer.cfg.in_channels, h, w, torch.float32)
+    sigma = klein.schedule(4, h * w)[:1]
+    scores = reference_attention(transformer, x, klein.grid_ids(h, w), txt, txt_ids[0], sigma, ref, ref_ids[0],
                                  queries=queries, kv_pattern=kv)[0]  # fmt: skip
     sizes = [(im.size[0] // 16) * (im.size[1] // 16) for im in images]
     kept = select_reference_tokens(images, 0.3, "attention", budget=budget, scores=list(scores.split(sizes)))
@@ -419,8 +420,8 @@ def test_batched_sampling_equals_one_at_a_time(distilled, kv, keep, guidance):
     g = torch.Generator().manual_seed(0)
     txts = {p: torch.randn(1, 8, 3 * HIDDEN, generator=g) for p in PROMPTS}
     neg = torch.randn(1, 8, 3 * HIDDEN, generator=g)
-    encoded = [(torch.randn(1, 20, 16, generator=g), pipeline.grid_ids(4, 5, t=10)),
-               (torch.randn(1, 24, 16, generator=g), pipeline.grid_ids(6, 4, t=20))]  # fmt: skip
+    encoded = [(torch.randn(1, 20, 16, generator=g), klein.grid_ids(4, 5, t=10)),
+               (torch.randn(1, 24, 16, generator=g), klein.grid_ids(6, 4, t=20))]  # fmt: skip
     kept = [None, None] if keep is None else [torch.tensor([0, 3, 7, 19]), torch.tensor([2, 5, 23])]
     ref, ref_ids = pipeline.gather_references(encoded, kept)
     jobs = [(p, s) for p in PROMPTS for s in (3, 4)]
@@ -445,7 +446,7 @@ def test_compiled_sampling_equals_eager_once_per_bucket():
     from torch._dynamo.utils import counters
 
     from model import Flux2, Flux2Config
-    from token_selectors import n_keep
+    from klein import n_keep
 
     cfg = Flux2Config(in_channels=16, hidden_size=48, num_heads=3, depth=1, depth_single=1, context_dim=24, axes_dim=(4, 4, 4, 4))
     torch.manual_seed(0)
@@ -455,7 +456,7 @@ def test_compiled_sampling_equals_eager_once_per_bucket():
     compiled.compile(fullgraph=True, dynamic=False)
     g = torch.Generator().manual_seed(0)
     txts = {"p": torch.randn(1, 8, 24, generator=g)}
-    encoded = [(torch.randn(1, 40, 16, generator=g), pipeline.grid_ids(5, 8, t=10))]
+    encoded = [(torch.randn(1, 40, 16, generator=g), klein.grid_ids(5, 8, t=10))]
     keeps, bucket = [0.1, 0.3, 0.6], 16  # 4, 12, 24 tokens -> 16, 16, 32
     torch._dynamo.reset()
     counters.clear()
@@ -665,7 +666,7 @@ def test_help_shows_every_default_and_cpu_bf16_warns(capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("warning: bfloat16 on a CPU")
     with pytest.raises(ValueError, match="--steps"):
-        pipeline.schedule(100000, 4096)  # would be NaN
+        klein.schedule(100000, 4096)  # would be NaN
 
 
 # ----------------------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ import train
 from data import CachedDataset, ManifestError, cache_dataset, read_manifest
 from files import load_image
 from model import Flux2, config_from_diffusers, diffusers_to_bfl
-from pipeline import prepare_reference, to_tensor
+from klein import prepare_reference, to_tensor
 from quant import FORMATS, Linear8, dequantize
 from tiny import TINY, make_inputs, randomize_, write_dataset
 from text_encoder import TextEncoder

@@ -16,7 +16,8 @@ from safetensors.torch import load_file, save_file
 
 import vae as V
 from tiny import tiny_diffusers_vae
-from vae import AutoEncoder, AutoEncoderConfig, to_diffusers_names, to_bfl_names, pack, patchify, unpack, unpatchify
+from klein import pack, unpack
+from vae import AutoEncoder, AutoEncoderConfig, to_diffusers_names, to_bfl_names, patchify, unpatchify
 
 # float32; observed errors are ~1e-6 of the output scale (different but equivalent kernels: 1x1 conv vs Linear)
 RTOL = 1e-5

@@ -16,7 +16,7 @@ and cv2.saliency's StaticSaliencySpectralResidual; OpenCV is the test oracle, ne
 
 CLI: python token_selectors.py IMAGE --keep 0.1 --selector canny --out sel.png
 
-May import: files (and, in its command line only, pipeline's reference preparation).
+May import: files, klein.
 """
 import math
 import os
@@ -28,8 +28,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 from files import ArgumentParser, image_format, load_image, write_atomic
+from klein import PATCH, n_keep, prepare_reference, round_up
 
-PATCH = 16  # pixels per token side (FLUX.2: VAE /8, then 2x2 patchify)
 SELECTORS = ("canny", "saliency", "random")
 
 # -----------------------------------------------------------------------------
@@ -228,20 +228,6 @@ def _check_fraction(name, value, low_open):
     return value
 
 
-def n_keep(keep, n, multiple=1):
-    """How many of n tokens a keep fraction keeps: the rule of every selector, training and the benchmark.
-
-    multiple > 1 rounds the count up to a multiple of it (or n): a compiled transformer then meets
-    a bounded number of sequence lengths (pipeline.COMPILE_BUCKET).
-    """
-    return round_up(max(1, round(keep * n)), multiple, n)
-
-
-def round_up(count, multiple, n):
-    """count rounded up to a multiple of `multiple`, at most n."""
-    return min(n, -(-count // multiple) * multiple)
-
-
 def _sample(scores, k, seed, uniform_mix, grid_w=None):
     """Draw k of N token indices without replacement, p_i = (1 - a) s_i / sum(s) + a / N.
     grid_w (the token grid's width): coverage first, see _cover. Returns a sorted (k,) LongTensor."""
@@ -416,7 +402,6 @@ def main(argv=None):
         folder = os.path.dirname(os.path.abspath(args.out))
         if not os.path.isdir(folder) or os.path.isdir(args.out):
             raise ValueError(f"--out {args.out}: {'is a folder' if os.path.isdir(args.out) else 'its folder does not exist'}")
-        from pipeline import prepare_reference  # not at the top: the pipeline imports this module
 
         image = prepare_reference(load_image(args.image))
         kept = select_reference_tokens([image], args.keep, args.selector, args.seed, args.uniform_mix)[0]

@@ -28,7 +28,7 @@ Nothing random depends on which process holds an example, so the update equals t
 update with the same G (up to float summation order), and a resumed run repeats an uninterrupted one.
 
 Sigma: logit-normal (mean 0, std 1), then klein's exponential shift s' = e^mu / (e^mu + 1/s - 1)
-with mu = pipeline.empirical_mu(target tokens, 50): training puts its sigmas where klein's sampler
+with mu = klein.empirical_mu(target tokens, 50): training puts its sigmas where klein's sampler
 spends its steps at that resolution (50 is the base models' step count, the ones one fine-tunes).
 Examples of one step that agree in target grid and kept reference-token count (equal reference
 grids give equal counts: the step's fractions are shared) share a forward (up to batch_size), with no
@@ -63,10 +63,8 @@ import lora
 from data import CachedDataset, check_max_area, check_out_dir, encode_manifest, read_manifest
 from files import STALE_TEMP, ArgumentParser, check_file, fault_point, field, remove_stale_temps, write_atomic
 from model import Flux2, load_checkpoint
-from pipeline import empirical_mu, grid_ids, text_ids
+from klein import empirical_mu, grid_ids, n_keep, pack, text_ids
 from quant import FORMATS
-from token_selectors import n_keep
-from vae import pack
 
 MU_STEPS = 50  # the step count whose schedule shift training follows (base klein's default)
 CHECKPOINT, LORA_FILE, LOG = "checkpoint.pt", "pytorch_lora_weights.safetensors", "log.jsonl"

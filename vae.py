@@ -225,19 +225,6 @@ def unpatchify(z: torch.Tensor) -> torch.Tensor:
     return z.permute(0, 1, 4, 2, 5, 3).reshape(B, C4 // (PATCH * PATCH), h * PATCH, w * PATCH)
 
 
-def pack(z: torch.Tensor) -> torch.Tensor:
-    """(B, C, h, w) -> (B, h*w, C) tokens, row-major (token index = row * w + col)."""
-    return z.flatten(2).transpose(1, 2)
-
-
-def unpack(tokens: torch.Tensor, h: int, w: int) -> torch.Tensor:
-    """(B, h*w, C) -> (B, C, h, w); inverse of `pack`."""
-    B, N, C = tokens.shape
-    if N != h * w:
-        raise ValueError(f"unpack: {N} tokens cannot fill a {h}x{w} grid")
-    return tokens.transpose(1, 2).reshape(B, C, h, w)
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # the autoencoder
 
