@@ -13,7 +13,8 @@ Files we write are diffusers/PEFT files (`transformer.transformer_blocks.0.attn.
 with alpha / r folded into B: diffusers without an adapter config, ComfyUI and ai-toolkit all read
 such a file as alpha == r, so every loader gets the right scale.
 
-May import: files, model (its checkpoint names), quant (8-bit base layers).
+May import: files, checkpoints (the checkpoint names). An 8-bit base (quant.Linear8) is met through its
+`matmul`, never imported.
 """
 
 import json
@@ -27,8 +28,7 @@ from safetensors import safe_open
 from safetensors.torch import save
 
 from files import check_file, field, write_atomic
-from model import FINAL_MODULATION, diffusers_names, swap_halves
-from quant import linear8, replace_module
+from checkpoints import FINAL_MODULATION, diffusers_names, swap_halves
 
 # diffusers' klein trainer targets to_q/to_k/to_v, to_out.0, to_qkv_mlp_proj and the single blocks'
 # attn.to_out; these are the same layers under our (BFL) names.
@@ -62,6 +62,7 @@ class LoRALinear(nn.Module):
             raise ValueError(f"{out_features} output features do not split into {chunks} chunks")
         self.weight, self.bias = base.weight, base.bias
         self.register_buffer("weight_scale", getattr(base, "weight_scale", None))  # (out,) of an 8-bit base, else None
+        self.matmul = getattr(base, "matmul", None)  # an 8-bit base's x @ (weight * scale)^T
         self.rank, self.chunks = rank, chunks
         self.scaling = (rank if alpha is None else alpha) / rank
         device = base.weight.device
@@ -70,7 +71,7 @@ class LoRALinear(nn.Module):
         self.merged = False
 
     def forward(self, x):
-        y = F.linear(x, self.weight, self.bias) if self.weight_scale is None else linear8(x, self.weight, self.weight_scale)
+        y = F.linear(x, self.weight, self.bias) if self.weight_scale is None else self.matmul(x, self.weight, self.weight_scale)
         if self.merged:
             return y
         h = F.linear(x.to(self.lora_A.dtype), self.lora_A.flatten(0, 1))  # (..., chunks * r)
@@ -122,7 +123,7 @@ def inject(model, targets=DEFAULT_TARGETS, rank=4, alpha=None, seed=0):
         lora = LoRALinear(model.get_submodule(n), rank, alpha, num_chunks(n))
         with torch.no_grad():
             lora.lora_A.copy_(torch.randn(lora.lora_A.shape, generator=g) / rank)
-        replace_module(model, n, lora)
+        model.set_submodule(n, lora)
     return names
 
 
@@ -308,5 +309,5 @@ def load_lora(model, path_or_sd, scale=1.0, merge=True):
             for c, (a, b) in per_chunk.items():
                 lora.lora_A[c, : a.shape[0]] = a
                 lora.lora_B[c, :, : a.shape[0]] = b
-        replace_module(model, name, lora)
+        model.set_submodule(name, lora)
     return list(by_module)

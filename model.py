@@ -9,21 +9,22 @@ Two ways references can attend (see `attention`):
   - the KV pattern (klein-9b-kv): references get t = 0 and attend only to references, so their K/V
     never change across denoising steps and can be computed once and cached (`KVCache`).
 
-Parameter names follow BFL's single-file checkpoints; diffusers folders are converted on load.
+Parameter names follow BFL's single-file checkpoints; diffusers folders are converted on load
+(checkpoints.py). 8-bit weights (quant.py), LoRA (lora.py) and the attention selector
+(attention_selector.py) plug in from outside.
 
-May import: files (checkpoint reading), quant (8-bit weights). Nothing else of this project.
+May import: files, checkpoints. Nothing else of this project.
 """
 
 import math
-import os
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from files import check_file, diffusers_weight_files, field, load_into, read_json, read_safetensors, resolve_component
-from quant import to_8bit
+from checkpoints import load_checkpoint
+from files import load_into
 
 
 @dataclass
@@ -238,19 +239,22 @@ def cached_attention(q, k, v, k_ref, v_ref):
     return torch.lerp(o_ref.float(), o_new.transpose(1, 2).float(), w).type_as(q)
 
 
-def attention(q, k, v, n_kv_ref, kv_cache=None, layer=0):
+def attention(q, k, v, n_kv_ref=0, cached=None, store=None):
     """Joint attention over [text | target | references]; q, k, v (B, L, H, D) -> (B, L, H * D).
 
-    n_kv_ref > 0: the last n_kv_ref tokens are references in the KV pattern: they attend only to
-    themselves, the rest attend to all. This is the one place where reference K/V are cached and reused:
-    a kv_cache holding this layer is read (the step runs no reference token), one without it is filled.
+    The one place reference K/V are cached and reused; the caller says which of three cases runs:
+      cached (k_ref, v_ref): this block's entry of a filled KVCache; the queries attend to the fresh
+        keys and to these (the step runs no reference token);
+      n_kv_ref > 0: the last n_kv_ref tokens are references in the KV pattern: they attend only to
+        themselves, the rest attend to all; store: a KVCache's list, their K/V are appended to it;
+      neither: plain joint attention (standard klein, references included if any).
     """
-    if kv_cache is not None and len(kv_cache) > layer and n_kv_ref == 0:  # cached step: no reference compute
-        out = cached_attention(q, k, v, *kv_cache.kv[layer])
+    if cached is not None:
+        out = cached_attention(q, k, v, *cached)
     elif n_kv_ref:
         n = n_kv_ref
-        if kv_cache is not None:  # one buffer per layer, written once; a view would keep every token's K/V alive
-            kv_cache.kv.append((k[:, -n:].clone().transpose(1, 2), v[:, -n:].clone().transpose(1, 2)))
+        if store is not None:  # one buffer per block, written once; a view would keep every token's K/V alive
+            store.append((k[:, -n:].clone().transpose(1, 2), v[:, -n:].clone().transpose(1, 2)))
         out = torch.cat([sdpa(q[:, :-n], k, v), sdpa(q[:, -n:], k[:, -n:], v[:, -n:])], dim=1)
     else:
         out = sdpa(q, k, v)
@@ -283,12 +287,12 @@ class DoubleStreamBlock(nn.Module):
 
     def __init__(self, cfg: Flux2Config):
         super().__init__()
-        D, M = cfg.hidden_size, cfg.mlp_hidden
+        dim, hidden = cfg.hidden_size, cfg.mlp_hidden
         self.eps = cfg.eps
-        self.img_attn = SelfAttention(D, cfg.num_heads)
-        self.img_mlp = nn.Sequential(nn.Linear(D, 2 * M, bias=False), SwiGLU(), nn.Linear(M, D, bias=False))
-        self.txt_attn = SelfAttention(D, cfg.num_heads)
-        self.txt_mlp = nn.Sequential(nn.Linear(D, 2 * M, bias=False), SwiGLU(), nn.Linear(M, D, bias=False))
+        self.img_attn = SelfAttention(dim, cfg.num_heads)
+        self.img_mlp = nn.Sequential(nn.Linear(dim, 2 * hidden, bias=False), SwiGLU(), nn.Linear(hidden, dim, bias=False))
+        self.txt_attn = SelfAttention(dim, cfg.num_heads)
+        self.txt_mlp = nn.Sequential(nn.Linear(dim, 2 * hidden, bias=False), SwiGLU(), nn.Linear(hidden, dim, bias=False))
 
     def qkv(self, img, txt, img_mod, txt_mod, pe):
         """q, k (after QK-norm and RoPE), v of [text | image] tokens: (B, L + N + M, H, D) each."""
@@ -296,11 +300,11 @@ class DoubleStreamBlock(nn.Module):
         tq, tk, tv = self.txt_attn.qkv_heads(modulate(txt, txt_mod[0], txt_mod[1], self.eps))
         return apply_rope(torch.cat([tq, iq], dim=1), pe), apply_rope(torch.cat([tk, ik], dim=1), pe), torch.cat([tv, iv], dim=1)
 
-    def forward(self, img, txt, img_mod, txt_mod, pe, n_kv_ref, kv_cache, layer):
+    def forward(self, img, txt, img_mod, txt_mod, pe, n_kv_ref=0, cached=None, store=None):
         # img (B, N + M, D): target then reference tokens (both use the image weights); txt (B, L, D)
         _, _, i_gate1, i_shift2, i_scale2, i_gate2 = img_mod
         _, _, t_gate1, t_shift2, t_scale2, t_gate2 = txt_mod
-        out = attention(*self.qkv(img, txt, img_mod, txt_mod, pe), n_kv_ref, kv_cache, layer)
+        out = attention(*self.qkv(img, txt, img_mod, txt_mod, pe), n_kv_ref, cached, store)
         L = txt.shape[1]
         img = gated(img, i_gate1, self.img_attn.proj(out[:, L:]))
         img = gated(img, i_gate2, self.img_mlp(modulate(img, i_shift2, i_scale2, self.eps)))
@@ -314,10 +318,10 @@ class SingleStreamBlock(nn.Module):
 
     def __init__(self, cfg: Flux2Config):
         super().__init__()
-        D, M = cfg.hidden_size, cfg.mlp_hidden
-        self.num_heads, self.eps, self.split = cfg.num_heads, cfg.eps, (3 * D, 2 * M)
-        self.linear1 = nn.Linear(D, 3 * D + 2 * M, bias=False)  # [q | k | v | mlp gate | mlp up]
-        self.linear2 = nn.Linear(D + M, D, bias=False)  # on [attention out | mlp hidden]
+        dim, hidden = cfg.hidden_size, cfg.mlp_hidden
+        self.num_heads, self.eps, self.split = cfg.num_heads, cfg.eps, (3 * dim, 2 * hidden)
+        self.linear1 = nn.Linear(dim, 3 * dim + 2 * hidden, bias=False)  # [q | k | v | mlp gate | mlp up]
+        self.linear2 = nn.Linear(dim + hidden, dim, bias=False)  # on [attention out | mlp hidden]
         self.norm = QKNorm(cfg.head_dim)
         self.mlp_act = SwiGLU()
 
@@ -328,9 +332,9 @@ class SingleStreamBlock(nn.Module):
         q, k = self.norm(q, k)
         return apply_rope(q, pe), apply_rope(k, pe), v, mlp
 
-    def forward(self, x, mod, pe, n_kv_ref, kv_cache, layer):
+    def forward(self, x, mod, pe, n_kv_ref=0, cached=None, store=None):
         q, k, v, mlp = self.qkv(x, mod, pe)
-        out = attention(q, k, v, n_kv_ref, kv_cache, layer)
+        out = attention(q, k, v, n_kv_ref, cached, store)
         return gated(x, mod[2], self.linear2(torch.cat([out, self.mlp_act(mlp)], dim=-1)))
 
 
@@ -378,11 +382,12 @@ class Flux2(nn.Module):
         once; a cached step passes the [text | target] rows); else computed here.
         """
         B, N, _ = img.shape
-        reuse = kv_cache is not None and len(kv_cache) > 0  # a filled cache stands in for the references
-        if reuse and ref is not None:
-            raise ValueError("the KV cache is already filled: call without ref to reuse it")
         n_ref = 0 if ref is None else ref.shape[1]
-        kv_refs = n_ref > 0 and (kv_pattern or kv_cache is not None)  # references at t = 0, self-attending
+        read = kv_cache is not None and len(kv_cache) > 0  # a filled cache stands in for the references
+        if read and n_ref:
+            raise ValueError("the KV cache is already filled: call without ref to reuse it")
+        fill = kv_cache is not None and n_ref > 0  # this call extracts the references' K/V into the cache
+        kv_refs = n_ref > 0 and (kv_pattern or fill)  # references at t = 0, self-attending
 
         vec = self.time_in(timestep_embedding(t.to(img.dtype) * 1000, self.cfg.time_dim).to(img.dtype))
         img_mod = self.double_stream_modulation_img(vec)
@@ -401,12 +406,13 @@ class Flux2(nn.Module):
         x = self.img_in(img if not n_ref else torch.cat([img, ref], dim=1))  # (B, N + M, D)
         c = self.txt_in(txt)  # (B, L, D)
         n_kv_ref = n_ref if kv_refs else 0
-        kv_cache = kv_cache if (kv_refs or reuse) else None  # filled by this call, or read by it
+        store = kv_cache.kv if fill else None  # every block appends its reference K/V
+        cached = kv_cache.kv if read else [None] * (self.cfg.depth + self.cfg.depth_single)  # block i reads entry i
         for i, block in enumerate(self.double_blocks):
-            x, c = self._run(block, x, c, img_mod, txt_mod, pe, n_kv_ref, kv_cache, i)
+            x, c = self._run(block, x, c, img_mod, txt_mod, pe, n_kv_ref, cached[i], store)
         x = torch.cat([c, x], dim=1)
         for i, block in enumerate(self.single_blocks):
-            x = self._run(block, x, single_mod, pe, n_kv_ref, kv_cache, self.cfg.depth + i)
+            x = self._run(block, x, single_mod, pe, n_kv_ref, cached[self.cfg.depth + i], store)
         x = x[:, c.shape[1] : c.shape[1] + N]
         return self.final_layer(x, vec)
 
@@ -424,217 +430,14 @@ class Flux2(nn.Module):
         return block(*args)
 
     @classmethod
-    def from_pretrained(cls, source, dtype=None, device=None, weights=None):
-        """Load a diffusers transformer/ folder, a repository folder, a BFL single file or a hub id.
-
-        weights "fp8" or "int8": the blocks' Linears in 8 bits (quant.Linear8), the rest in dtype; a BFL
-        fp8 file (flux-2-klein-4b-fp8.safetensors) loads as it is, with weights="fp8".
-        """
-        cfg, sd = load_checkpoint(source)
+    def from_pretrained(cls, source, dtype=None, device=None):
+        """Load a diffusers transformer/ folder, a repository folder, a BFL single file or a hub id
+        (checkpoints.load_checkpoint). Built on the meta device, the memory-mapped weights assigned:
+        peak memory is about one copy. 8-bit weights: quant.from_pretrained."""
+        fields, sd = load_checkpoint(source)
+        if any(k.endswith(".weight_scale") for k in sd):
+            raise ValueError(f"{source} holds 8-bit weights with scales (a BFL fp8 file): load it with quant.from_pretrained")
         with torch.device("meta"):
-            model = cls(cfg)
-        if weights is not None or any(k.endswith(".weight_scale") for k in sd):
-            sd, dtype = to_8bit(model, sd, weights, dtype, device), None  # every tensor final, on device
+            model = cls(Flux2Config(**fields))
         load_into(model, sd, dtype, device)
         return model.eval()
-
-
-# ----------------------------------------------------------------------------------------------
-# The model's own view of its references: which reference keys the queries attend to
-
-
-QUERIES = ("target", "text", "both", "references")
-
-
-class _Stop(Exception):
-    """Ends a forward at the block whose inputs reference_attention needs."""
-
-
-@torch.no_grad()
-def reference_attention(model, img, img_ids, txt, txt_ids, t, ref, ref_ids, block=0, queries="target",
-                        kv_pattern=False, chunk_bytes=64 * 2**20):  # fmt: skip
-    """(B, M) non-negative scores, one per reference token: the attention mass its key receives in
-    `block` (0-based over double then single blocks) of one forward with every reference token, the
-    softmax over all keys each query attends to, averaged over heads and over the chosen queries.
-
-    queries: "target", "text", "both" (text and target) or "references". With kv_pattern the
-    references run as in the KV cache (t = 0, attending only to references): "references" then ranks
-    them by their mutual attention, which depends on neither the prompt nor the target, so one pass
-    serves every prompt and seed of a reference set. The forward stops at `block`: the pass costs the
-    blocks before it plus this block's projections and scores. The scores are accumulated over
-    chunks of queries, so no (H, queries, keys) matrix exists: at most ~3 x chunk_bytes beyond the
-    block's own q and k (a forward holds those anyway).
-    """
-    if queries not in QUERIES:
-        raise ValueError(f"unknown queries {queries!r}; choose one of {', '.join(QUERIES)}")
-    blocks = [*model.double_blocks, *model.single_blocks]
-    if not 0 <= block < len(blocks):
-        raise ValueError(f"block {block} is not one of the model's {len(blocks)} blocks (0 to {len(blocks) - 1})")
-    seen = []
-
-    def grab(module, args):
-        seen.append(args)
-        raise _Stop
-
-    hook = blocks[block].register_forward_pre_hook(grab)
-    try:
-        model(img, img_ids, txt, txt_ids, t, ref=ref, ref_ids=ref_ids, kv_pattern=kv_pattern)
-    except _Stop:
-        pass
-    finally:
-        hook.remove()
-    args = seen[0]
-    q, k = blocks[block].qkv(*(args[:5] if block < len(model.double_blocks) else args[:3]))[:2]  # (B, L + N + M, H, D)
-    L, N, M = txt.shape[1], img.shape[1], ref.shape[1]
-    rows = {"target": slice(L, L + N), "text": slice(0, L), "both": slice(0, L + N), "references": slice(L + N, None)}[queries]
-    keys = slice(L + N, None) if kv_pattern and queries == "references" else slice(None)  # who each query sees
-    qs, ks = q[:, rows].transpose(1, 2), k[:, keys].transpose(1, 2)  # (B, H, Q, D), (B, H, K, D)
-    B, H, Q, D = qs.shape
-    mass = torch.zeros(B, ks.shape[2], dtype=torch.float32, device=q.device)
-    step = max(1, chunk_bytes // (B * H * ks.shape[2] * 4))  # query rows per chunk of float32 scores
-    for i in range(0, Q, step):
-        scores = (qs[:, :, i : i + step] @ ks.transpose(-1, -2)).float() * D**-0.5  # (B, H, chunk, K)
-        mass += scores.softmax(dim=-1).sum(dim=(1, 2))
-    return mass[:, -M:] / (H * Q)
-
-
-# ----------------------------------------------------------------------------------------------
-# Loading: BFL single files load as they are; diffusers checkpoints are renamed to BFL names.
-
-
-FINAL_MODULATION = "final_layer.adaLN_modulation.1"  # rows (shift, scale) here, (scale, shift) in diffusers' norm_out
-
-
-def swap_halves(w):
-    """(shift, scale) rows <-> (scale, shift) rows."""
-    a, b = w.chunk(2, dim=0)
-    return torch.cat([b, a], dim=0)
-
-
-def diffusers_names(cfg):
-    """diffusers module name -> (our module name, chunk): chunk c of our fused q/k/v is diffusers' c-th."""
-    names = {
-        "x_embedder": "img_in",
-        "context_embedder": "txt_in",
-        "time_guidance_embed.timestep_embedder.linear_1": "time_in.in_layer",
-        "time_guidance_embed.timestep_embedder.linear_2": "time_in.out_layer",
-        "double_stream_modulation_img.linear": "double_stream_modulation_img.lin",
-        "double_stream_modulation_txt.linear": "double_stream_modulation_txt.lin",
-        "single_stream_modulation.linear": "single_stream_modulation.lin",
-        "norm_out.linear": FINAL_MODULATION,
-        "proj_out": "final_layer.linear",
-    }
-    names = {k: (v, 0) for k, v in names.items()}
-    double = {
-        "attn.to_out.0": "img_attn.proj",
-        "attn.to_add_out": "txt_attn.proj",
-        "ff.linear_in": "img_mlp.0",
-        "ff.linear_out": "img_mlp.2",
-        "ff_context.linear_in": "txt_mlp.0",
-        "ff_context.linear_out": "txt_mlp.2",
-        "attn.norm_q": "img_attn.norm.query_norm",
-        "attn.norm_k": "img_attn.norm.key_norm",
-        "attn.norm_added_q": "txt_attn.norm.query_norm",
-        "attn.norm_added_k": "txt_attn.norm.key_norm",
-    }
-    single = {
-        "attn.to_qkv_mlp_proj": "linear1",
-        "attn.to_out": "linear2",
-        "attn.norm_q": "norm.query_norm",
-        "attn.norm_k": "norm.key_norm",
-    }
-    for i in range(cfg.depth):
-        d, b = f"transformer_blocks.{i}", f"double_blocks.{i}"
-        for c, (img, txt) in enumerate([("to_q", "add_q_proj"), ("to_k", "add_k_proj"), ("to_v", "add_v_proj")]):
-            names[f"{d}.attn.{img}"] = (f"{b}.img_attn.qkv", c)
-            names[f"{d}.attn.{txt}"] = (f"{b}.txt_attn.qkv", c)
-        names.update({f"{d}.{a}": (f"{b}.{o}", 0) for a, o in double.items()})
-    for i in range(cfg.depth_single):
-        names.update({f"single_transformer_blocks.{i}.{a}": (f"single_blocks.{i}.{o}", 0) for a, o in single.items()})
-    return names
-
-
-def diffusers_to_bfl(sd, cfg):
-    """diffusers Flux2Transformer2DModel state dict -> our (BFL) names: q/k/v fused, final shift/scale swapped."""
-    names, out, chunks = diffusers_names(cfg), {}, {}
-    for key, w in sd.items():
-        module = key.removesuffix(".weight")
-        if module not in names:
-            out[key] = w  # reported as unexpected by load_into
-            continue
-        ours, c = names[module]
-        suffix = "scale" if ours.endswith("_norm") else "weight"
-        chunks.setdefault(f"{ours}.{suffix}", {})[c] = swap_halves(w) if ours == FINAL_MODULATION else w
-    for key, parts in chunks.items():  # a fused q/k/v missing a part comes out mis-shaped and is reported
-        out[key] = torch.cat([parts[c] for c in sorted(parts)], dim=0) if len(parts) > 1 else parts[0]
-    return out
-
-
-def config_from_diffusers(c, path="config.json"):
-    """Flux2Config of a diffusers transformer config.json (the dict c, read from path)."""
-    heads = field(c, "num_attention_heads", path)
-    cfg = Flux2Config(
-        in_channels=field(c, "in_channels", path, default=128),
-        hidden_size=heads * field(c, "attention_head_dim", path),
-        num_heads=heads,
-        depth=field(c, "num_layers", path),
-        depth_single=field(c, "num_single_layers", path),
-        context_dim=field(c, "joint_attention_dim", path),
-        mlp_ratio=field(c, "mlp_ratio", path, float, default=3.0),
-        axes_dim=field(c, "axes_dims_rope", path, list, default=(32, 32, 32, 32)),
-        theta=field(c, "rope_theta", path, float, default=2000),
-        time_dim=field(c, "timestep_guidance_channels", path, default=256),
-        eps=field(c, "eps", path, float, default=1e-6),
-    )
-    return check_config(cfg, f"{path}: field 'axes_dims_rope'")
-
-
-def config_from_bfl(sd, path="checkpoint"):
-    """Infer the config of a BFL checkpoint from its tensor shapes."""
-    try:
-        D, C = sd["img_in.weight"].shape
-        head_dim = sd["double_blocks.0.img_attn.norm.query_norm.scale"].shape[0]
-        count = lambda p: len({k.split(".")[1] for k in sd if k.startswith(p)})
-        axis = head_dim // 4
-        cfg = Flux2Config(
-            in_channels=C,
-            hidden_size=D,
-            num_heads=D // head_dim,
-            depth=count("double_blocks."),
-            depth_single=count("single_blocks."),
-            context_dim=sd["txt_in.weight"].shape[1],
-            mlp_ratio=sd["double_blocks.0.img_mlp.2.weight"].shape[1] / D,
-            axes_dim=(axis,) * 4,
-            time_dim=sd["time_in.in_layer.weight"].shape[1],
-        )
-    except (KeyError, ValueError, IndexError, ZeroDivisionError) as e:
-        raise ValueError(f"{path} is not a FLUX.2 transformer checkpoint: {type(e).__name__} {e}") from None
-    if D % head_dim:
-        raise ValueError(f"{path}: hidden size {D} is no multiple of the head dim {head_dim}")
-    return check_config(cfg, f"{path}: the RoPE axes")
-
-
-def check_config(cfg, where):
-    """cfg, if its RoPE axes are even and sum to head_dim (each rotates pairs of one head's channels)."""
-    if sum(cfg.axes_dim) != cfg.head_dim or any(d % 2 for d in cfg.axes_dim):
-        raise ValueError(f"{where} {list(cfg.axes_dim)} must be even and sum to the head dim {cfg.head_dim}")
-    return cfg
-
-
-def load_checkpoint(source):
-    """(config, BFL-named state dict) from any supported source."""
-    path = resolve_component(str(source), "transformer", ["transformer/*"])
-    if os.path.isfile(path):  # BFL single file
-        sd = read_safetensors([path])
-        sd = {k.removeprefix("model.diffusion_model."): v for k, v in sd.items()}
-        if "img_in.weight" not in sd:
-            raise ValueError(f"{path} is not a FLUX.2 transformer checkpoint (no img_in.weight)")
-        return config_from_bfl(sd, path), sd
-    if not os.path.isdir(path):
-        check_file(path, "transformer checkpoint")  # a FIFO or device: refused before it is opened
-    cfg_path = os.path.join(path, "config.json")
-    if not os.path.exists(cfg_path):
-        raise FileNotFoundError(f"no config.json in {path}: expected a diffusers transformer folder")
-    cfg = config_from_diffusers(read_json(cfg_path), cfg_path)
-    sd = read_safetensors(diffusers_weight_files(path, "diffusion_pytorch_model"))
-    return cfg, diffusers_to_bfl(sd, cfg)

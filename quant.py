@@ -21,12 +21,19 @@ BFL's fp8 single files (FLUX.2-klein-4b-fp8/flux-2-klein-4b-fp8.safetensors, 4.0
     files hold was not confirmed: both load, a per-tensor scale repeated per row.
   - `input_scale` is the static activation scale of an fp8 x fp8 matmul: weight-only, we drop it.
 
-May import: torch. No module of this project.
+It plugs in at load time, as gpt-fast's quantize.py does: `from_pretrained(source, "int8", dtype,
+device)` in place of `Flux2.from_pretrained(source, dtype, device)`; the model never knows.
+
+May import: files, checkpoints, model.
 """
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from checkpoints import load_checkpoint
+from files import load_into
+from model import Flux2, Flux2Config
 
 FORMATS = {"fp8": (torch.float8_e4m3fn, 448.0), "int8": (torch.int8, 127.0)}  # storage dtype, largest value
 BLOCKS = ("double_blocks.", "single_blocks.")  # the Linears BFL's fp8 files hold in 8 bits; we quantize the same
@@ -92,13 +99,10 @@ class Linear8(nn.Linear):
         self.register_parameter("bias", None)
         self.register_buffer("weight_scale", torch.empty(out_features))
 
+    matmul = staticmethod(linear8)  # what a LoRA over this layer calls (lora.LoRALinear)
+
     def forward(self, x):
         return linear8(x, self.weight, self.weight_scale)
-
-
-def replace_module(model, name, module):
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent), child, module)
 
 
 def row_scales(scale, out_features, key):
@@ -131,5 +135,15 @@ def to_8bit(model, sd, kind, dtype=None, device=None):
             q, scale = quantize(w.to(device), kind)
         out[key], out[f"{name}.weight_scale"] = q.to(device), scale.to(device)
         with torch.device("meta"):
-            replace_module(model, name, Linear8(m.in_features, m.out_features, kind))
+            model.set_submodule(name, Linear8(m.in_features, m.out_features, kind))
     return out | {k: v.to(device, dtype if dtype is not None and v.is_floating_point() else v.dtype) for k, v in sd.items()}
+
+
+def from_pretrained(source, weights, dtype=None, device=None):
+    """Flux2.from_pretrained with the blocks' Linears in 8 bits (weights "fp8" or "int8"), the rest in
+    dtype, quantized on load one layer at a time on `device`; a BFL fp8 file loads as it is (fp8)."""
+    fields, sd = load_checkpoint(source)
+    with torch.device("meta"):
+        model = Flux2(Flux2Config(**fields))
+    load_into(model, to_8bit(model, sd, weights, dtype, device))  # every tensor final, on device
+    return model.eval()
