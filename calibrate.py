@@ -11,17 +11,23 @@ dropping reference token j is the same as no query attending to its key, in any 
 gate g_j on the softmax weights (g_j e^{s_ij} / sum_k g_k e^{s_ik}) goes from the model (g = 1) to
 the model without token j (g_j = 0). The proxy is the first-order Taylor term of that path.
 
-May import: files, model. Nothing else of this project.
+`calibrate_selector` runs the calibration on a klein checkpoint (sample.py --calibrate).
+
+May import: files, klein, model, pipeline, attention_selector. No script.
 """
 
 import json
 import math
+import numbers
+import sys
 from contextlib import contextmanager
 
 import torch
 
 from files import field, read_json, write_atomic
-from model import QUERIES, reference_attention
+from attention_selector import QUERIES, reference_attention
+from klein import initial_noise, schedule, text_ids, grid_ids
+from pipeline import Klein, encode_inputs, gather_references, load_references, loaded, output_size, resolve_source, sampling_defaults, sampling_device
 
 # ----------------------------------------------------------------------------------------------
 # Influence: what dropping one reference token does to the target's velocity
@@ -186,3 +192,42 @@ def load_calibration(path, n_blocks=None):
     if not 0 < sigma <= 1:
         raise ValueError(f"{where}: field 'sigma' must be in (0, 1], got {sigma!r}")
     return dict(block=block, queries=queries, sigma=float(sigma), kv_cache=field(raw, "kv_cache", where, bool, default=None))
+
+
+# ----------------------------------------------------------------------------------------------
+# On a klein checkpoint
+
+
+CALIBRATION_SIGMAS = 4  # at most this many candidate sigmas, evenly spread over the schedule's steps
+
+
+def calibrate_selector(model, prompt, refs, seed=0, steps=None, size=None, kv_cache=False, exact=False, device=None,
+                       dtype=None, progress=True):  # fmt: skip
+    """ToPi's offline calibration of the attention selector (calibrate.calibrate_attention) on
+    validation examples: every (prompt, seed) pair is one example, the seed's noise with every token
+    of refs, encoded and loaded as generate() does (one component at a time). The candidates: every
+    block, every queries choice and the sigmas of up to CALIBRATION_SIGMAS of the schedule's steps
+    (steps and the output size as generate's). kv_cache: calibrate for the KV pattern (references at
+    t = 0, attending only to references), the one --kv-cache samples with. exact: the exact influence
+    (one forward per reference token) instead of the proxy. Returns calibrate_attention's dict."""
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    seeds = [seed] if isinstance(seed, numbers.Integral) else list(seed)
+    images = load_references(refs)
+    if not images:
+        raise ValueError("the calibration needs reference images (--ref): their tokens are what it ranks")
+    klein = model if isinstance(model, Klein) else Klein(model)
+    device, dtype = sampling_device(device, dtype)
+    folder = resolve_source(klein.folder)
+    steps, _ = sampling_defaults(folder, steps, 1.0)
+    h, w = output_size(images, *(size or (None, None)))
+    sigmas = schedule(steps, h * w)[:-1]
+    sigmas = sigmas[torch.linspace(0, steps - 1, min(steps, CALIBRATION_SIGMAS)).round().long()].tolist()
+    say = (lambda message: print(message, file=sys.stderr)) if progress else None  # noqa: E731
+    with torch.no_grad():
+        txts, _, encoded = encode_inputs(folder, prompts, images, False, dtype, device)
+        ref, ref_ids = gather_references(encoded, [None] * len(encoded))
+        img_ids = grid_ids(h, w).to(device)
+        with loaded(klein.load_transformer, folder, dtype, device) as transformer:
+            examples = [(initial_noise(s, transformer.cfg.in_channels, h, w, dtype).to(device), img_ids, txts[p],
+                         text_ids(txts[p].shape[1]).to(device), ref, ref_ids) for p in prompts for s in seeds]  # fmt: skip
+            return calibrate_attention(transformer, examples, sigmas, kv_pattern=kv_cache, exact=exact, progress=say)

@@ -26,13 +26,13 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
+from attention_selector import AttentionSelector
+from cli import add_common_args, build_klein, build_selector, check_common, flagged, warn_slow_dtype
 from files import ArgumentParser, check_number, check_writable_folder, fail, write_atomic
-from model import Flux2
-from pipeline import (add_common_args, attention_scores, check_common, check_sampling, decode_latents, encode_prompts, encode_references,
-                      gather_references, load_references, loaded, output_size, resolve_source, sampling_device,
-                      sample_latents, sampling_defaults, schedule, select_references, synchronize, warn_slow_dtype)  # fmt: skip
-from text_encoder import TextEncoder
-from token_selectors import draw_selection
+from klein import schedule
+from pipeline import (Klein, Scene, decode_latents, encode_inputs, gather_references, load_references, loaded, output_size,
+                      resolve_source, sample_latents, sampling_defaults, sampling_device, synchronize)  # fmt: skip
+from token_selectors import Selector, draw_selection
 from vae import AutoEncoder
 
 
@@ -109,58 +109,51 @@ def pixels(image):
     return torch.from_numpy(np.array(image)).permute(2, 0, 1).float() / 255
 
 
-def sweep(model, prompt, refs, keeps, selectors, seed=0, steps=None, guidance=None, height=None, width=None,
-          kv_cache=False, uniform_mix=0.25, budget="uniform", selection_seed=0, lora=None,
-          lora_scale=1.0, lora_merge=None, device=None, dtype=None, progress=False, attention_queries="target",
-          attention_block=0):  # fmt: skip
+def sweep(model, prompt, refs, keeps, selectors, seed=0, size=None, steps=None, guidance=None, kv_cache=False, device=None,
+          dtype=None, progress=False):  # fmt: skip
     """Dense (keep 1) and every selector x keep with the same prompt, seed and cache setting.
 
-    Returns the references (prepared) and the points, dense first, each with its image, time per
-    image and fidelity to the dense image. The transformer runs an untimed one-step warm-up first.
+    model: a folder, hub id or pipeline.Klein; selectors: names or selector callables (one row each;
+    an AttentionSelector scores once for all its keeps). Returns the references (prepared) and the
+    points, dense first, each with its image, time per image (selection + denoising) and fidelity
+    to the dense image. The transformer runs an untimed one-step warm-up first.
     """
+    klein = model if isinstance(model, Klein) else Klein(model)
     images = load_references(refs)
-    # the sweep's keeps are one column each, every reference keeping that fraction: not per-reference keeps
-    check_sampling([prompt], [seed], len(images), steps, guidance, height, width, 1.0, uniform_mix, budget,
-                   kv_cache, None, lora, lora_scale, 1)  # fmt: skip
-    for k in keeps:
-        check_number("--keeps", k, 0, 1, low_open=True)
     if not images:
-        raise ValueError("compare needs at least one reference image (--ref)")
+        raise ValueError("compare needs at least one reference image")
+    for k in keeps:
+        if not 0 < k <= 1:
+            raise ValueError(f"keeps must be in (0, 1], got {k!r}")
+    rules = [Selector(s) if isinstance(s, str) else s for s in selectors]
     device, dtype = sampling_device(device, dtype)
-    folder = resolve_source(model)
+    folder = resolve_source(klein.folder)
     steps, guidance = sampling_defaults(folder, steps, guidance)
-    h, w = output_size(images, height, width)
-
+    h, w = output_size(images, *(size or (None, None)))
     points = [Point("dense", 1.0, kept=[None] * len(images))]
-    for selector in selectors:
-        for keep in keeps:
-            start = time.perf_counter()
-            kept = None if selector == "attention" else select_references(images, keep, selector, "edit", selection_seed, uniform_mix, budget)
-            points.append(Point(selector, keep, seconds=time.perf_counter() - start, kept=kept))
-
     with torch.no_grad():
-        with loaded(TextEncoder, folder, dtype, device) as text:
-            txts = encode_prompts(text, [prompt], 1)
-            neg = text.encode([""]) if guidance > 1 else None
-        with loaded(AutoEncoder, folder, dtype, device) as vae:
-            encoded = encode_references(vae, images, device, dtype)  # once: every point drops from the same tokens
-        with loaded(Flux2, folder, dtype, device, lora, lora_scale, lora_merge) as transformer:
+        txts, neg, encoded = encode_inputs(folder, [prompt], images, guidance > 1, dtype, device)  # once: every point drops from the same tokens
+        with loaded(klein.load_transformer, folder, dtype, device) as transformer:
             job = [(prompt, seed)]
             ref, ref_ids = gather_references(encoded, points[0].kept)
             sample_latents(transformer, job, txts, h, w, 1, ref, ref_ids, kv_cache, guidance, neg)  # warm-up
-            latents, scores = [], None
-            for pt in points:
-                if pt.kept is None:  # the attention selector: one scoring pass, counted in each of its points
-                    if scores is None:
-                        synchronize(device)
-                        start = time.perf_counter()
-                        scores = attention_scores(transformer, encoded, txts[prompt], h, w, schedule(steps, h * w)[0], seed,
-                                                  kv_cache, attention_queries, attention_block)  # fmt: skip
-                        synchronize(device)
-                        scoring = time.perf_counter() - start
+            scene = Scene(transformer, encoded, txts[prompt], seed, (h, w), schedule(steps, h * w), kv_cache)
+            for rule in rules:
+                scores, scoring = None, 0.0
+                if isinstance(rule, AttentionSelector):  # one scoring pass, counted in each of its points
+                    synchronize(device)
                     start = time.perf_counter()
-                    pt.kept = select_references(images, pt.keep, "attention", "edit", selection_seed, uniform_mix, budget, scores)
-                    pt.seconds = scoring + time.perf_counter() - start
+                    scores = rule.scores(scene)
+                    synchronize(device)
+                    scoring = time.perf_counter() - start
+                for keep in keeps:
+                    start = time.perf_counter()
+                    n = [keep] * len(images)
+                    kept = rule(images, n, scene) if scores is None else rule.rule(images, n, scores=scores)
+                    points.append(Point(rule.name if isinstance(rule, Selector) else "attention", keep, kept=kept,
+                                        seconds=scoring + time.perf_counter() - start))  # fmt: skip
+            latents = []
+            for pt in points:
                 ref, ref_ids = gather_references(encoded, pt.kept)
                 pt.ref_tokens = ref.shape[1]
                 synchronize(device)
@@ -169,7 +162,7 @@ def sweep(model, prompt, refs, keeps, selectors, seed=0, steps=None, guidance=No
                                           progress=progress and f"{pt.selector} keep {pt.keep:g}")  # fmt: skip
                 synchronize(device)
                 pt.seconds += time.perf_counter() - start
-        with loaded(AutoEncoder, folder, dtype, device) as vae:
+        with loaded(AutoEncoder.from_pretrained, folder, dtype=dtype, device=device) as vae:
             for pt, image in zip(points, decode_latents(vae, latents, h, w)):
                 pt.image = image
     dense = pixels(points[0].image)
@@ -268,26 +261,29 @@ def main(argv=None):
             raise ValueError("--keeps and --selectors must not repeat a value")
         check_number("--seed", args.seed, 0, 2**63 - 1, integer=True)
         check_writable_folder(args.out_dir)
+        check_number("--uniform-mix", 0.25 if args.uniform_mix is None else args.uniform_mix, 0, 1)
         device, dtype = check_common(args, sparse=True, attention="attention" in args.selectors)
     except (OSError, ValueError) as e:
         fail(e)
     warn_slow_dtype(device, dtype)
     start = time.perf_counter()
-    opts = dict(seed=args.seed, steps=args.steps, guidance=args.guidance, height=args.height, width=args.width,
-                kv_cache=args.kv_cache,
-                uniform_mix=0.25 if args.uniform_mix is None else args.uniform_mix, budget=args.budget or "uniform",
-                selection_seed=args.selection_seed or 0, lora=args.lora,
-                lora_scale=1.0 if args.lora_scale is None else args.lora_scale,
-                lora_merge=True if args.lora_merge else None, attention_queries=args.attention_queries or "target",
-                attention_block=args.attention_block or 0)  # fmt: skip
+    sampling = dict(seed=args.seed, size=(args.height, args.width), steps=args.steps, guidance=args.guidance,
+                    kv_cache=args.kv_cache)  # fmt: skip
     try:
-        refs, points = sweep(args.model, args.prompt, args.ref, args.keeps, args.selectors, device=device, dtype=dtype,
-                             progress=True, **opts)  # fmt: skip
+        refs, points = sweep(build_klein(args), args.prompt, args.ref, args.keeps, [build_selector(args, s) for s in args.selectors],
+                             device=device, dtype=dtype, progress=True, **sampling)  # fmt: skip
     except (OSError, ValueError, RuntimeError, KeyError) as e:
-        fail(e)
+        fail(flagged(e))
     rows = table_rows(points)
+    steps, guidance = sampling_defaults(resolve_source(args.model), args.steps, args.guidance)  # what ran, not what was given
+    height, width = (16 * n for n in output_size(refs, args.height, args.width))
     settings = dict(model=args.model, prompt=args.prompt, references=", ".join(map(str, args.ref)),
-                    device=f"{device.type}, {str(dtype).removeprefix('torch.')}", **opts)  # fmt: skip
+                    device=f"{device.type}, {str(dtype).removeprefix('torch.')}", seed=args.seed, steps=steps, guidance=guidance,
+                    height=height, width=width, kv_cache=args.kv_cache,
+                    uniform_mix=0.25 if args.uniform_mix is None else args.uniform_mix, budget=args.budget or "uniform",
+                    selection_seed=args.selection_seed or 0, lora=args.lora,
+                    lora_scale=1.0 if args.lora_scale is None else args.lora_scale, lora_merge=bool(args.lora_merge),
+                    attention_queries=args.attention_queries or "target", attention_block=args.attention_block or 0)  # fmt: skip
     files = {os.path.join(args.out_dir, f"{p.selector}_k{p.keep:g}.png"): p.image for p in points}
     files[os.path.join(args.out_dir, "sheet.png")] = contact_sheet(refs, points, args.keeps, args.selectors)
     try:

@@ -311,3 +311,29 @@ def load_lora(model, path_or_sd, scale=1.0, merge=True):
                 lora.lora_B[c, :, : a.shape[0]] = b
         model.set_submodule(name, lora)
     return list(by_module)
+
+
+def transform(path, scale=1.0, merge=None):
+    """The LoRA at path as a transform of a loaded transformer (pipeline.Klein(transforms=...)).
+
+    merge None: merged into fp32 weights; kept unmerged beside 16-bit ones (a float32 LoRA path, as
+    training ran it and as diffusers' load_lora_weights keeps it), since a merge rounds every update
+    below half a bf16 step of its weight away. True or False forces either; 8-bit layers always keep
+    it unmerged."""
+
+    def apply(model):
+        merged = next(model.parameters()).dtype == torch.float32 if merge is None else merge
+        load_lora(model, path, scale=scale, merge=merged)
+        return model
+
+    return apply
+
+
+def check_lora_file(path):
+    """The LoRA (a file, or a folder holding pytorch_lora_weights.safetensors) parses and holds only
+    finite values: a NaN LoRA would give a black image."""
+    sd, _ = read_lora(path)
+    bad = [k for k, v in sd.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise ValueError(f"LoRA file {path}: {len(bad)} tensors hold NaN or inf values, e.g. {bad[0]}")
+

@@ -436,7 +436,7 @@ class Flux2(nn.Module):
         peak memory is about one copy. 8-bit weights: quant.from_pretrained."""
         fields, sd = load_checkpoint(source)
         if any(k.endswith(".weight_scale") for k in sd):
-            raise ValueError(f"{source} holds 8-bit weights with scales (a BFL fp8 file): load it with quant.from_pretrained")
+            raise ValueError(f"{source} holds fp8 weights with scales (a BFL fp8 file): load it with 8-bit weights fp8 (quant.from_pretrained)")
         with torch.device("meta"):
             model = cls(Flux2Config(**fields))
         load_into(model, sd, dtype, device)

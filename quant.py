@@ -41,7 +41,7 @@ BLOCKS = ("double_blocks.", "single_blocks.")  # the Linears BFL's fp8 files hol
 
 def check_weights(kind):
     if kind not in FORMATS:
-        raise ValueError(f"--weights {kind!r}: choose one of {', '.join(FORMATS)}")
+        raise ValueError(f"weights {kind!r}: choose one of {', '.join(FORMATS)}")
 
 
 def quantize(w, kind):
@@ -118,7 +118,7 @@ def to_8bit(model, sd, kind, dtype=None, device=None):
     (on device, one at a time), everything else cast to dtype (None: kept). kind "fp8" or "int8"."""
     stored = {k.removesuffix(".weight_scale") for k in sd if k.endswith(".weight_scale")}
     if stored and kind != "fp8":
-        raise ValueError("the checkpoint holds fp8 weights with scales (a BFL fp8 file): load it with --weights fp8")
+        raise ValueError("the checkpoint holds fp8 weights with scales (a BFL fp8 file): load it with weights fp8")
     check_weights(kind)
     sd, out = dict(sd), {}
     for name, m in list(model.named_modules()):

@@ -12,22 +12,29 @@ image, and each is written atomically once all of them exist.
     python sample.py --model ... --ref cat.png --prompt "..." --keep 0.1 --selector attention \
         --attention-calibration cal.json --attention-rescore-step 2 --out out.png
 
---calibrate runs ToPi's calibration of the attention selector (pipeline.calibrate_selector) on the
+--calibrate runs ToPi's calibration of the attention selector (calibrate.calibrate_selector) on the
 command's own references, prompts and seeds, a few validation examples, writes the JSON file and
 samples nothing; --attention-calibration reuses the file.
 
-May import: files, pipeline, calibrate (the calibration file), quant (the --weights formats). No other script.
+May import: files, cli, pipeline and the extras it plugs in (attention_selector, calibrate, quant). No other script.
 """
 
 import argparse
 import os
 import time
 
-from calibrate import load_calibration, save_calibration
+import torch
+
+from PIL import Image
+
+from attention_selector import generate_rescored
+from calibrate import calibrate_selector, load_calibration, save_calibration
+from cli import (COMPILE_BUCKET, MAX_IMAGES, add_common_args, build_klein, build_selector, check_common, check_sampling,
+                 flagged, warn_slow_dtype)  # fmt: skip
 from files import ArgumentParser, check_file, check_number, check_writable, check_writable_folder, fail, image_format, write_atomic
-from pipeline import (COMPILE_BUCKET, MAX_IMAGES, add_common_args, calibrate_selector, check_common, check_sampling, generate, is_sparse,
-                      warn_slow_dtype)  # fmt: skip
+from pipeline import generate, load_references
 from quant import FORMATS
+from token_selectors import draw_selection, is_sparse
 
 # options of sampling alone: an error with --calibrate, which samples no image
 NOT_WITH_CALIBRATE = ("--out", "--out-dir", "--keep", "--selector", "--save-selection", "--budget", "--uniform-mix", "--task",
@@ -145,7 +152,7 @@ def check_args(args):
     paths = output_paths(args.out, args.out_dir, prompts, seeds)
     if args.save_selection is not None and os.path.abspath(args.save_selection) in map(os.path.abspath, paths):
         raise ValueError(f"--save-selection {args.save_selection} is also an output image")
-    device, dtype = check_common(args, sparse=is_sparse(keep, args.budget), attention=args.selector == "attention")
+    device, dtype = check_common(args, sparse=is_sparse(keep, args.budget or "uniform"), attention=args.selector == "attention")
     return prompts, seeds, paths, device, dtype
 
 
@@ -160,25 +167,23 @@ def main(argv=None):
     if args.calibrate is not None:
         return calibrate(args, prompts, seeds, device, dtype, start)
     keep = args.keep or [1.0]
-    attention = (load_calibration(args.attention_calibration) if args.attention_calibration is not None else  # checked by check_args
-                 dict(block=args.attention_block or 0, queries=args.attention_queries or "target", sigma=None))  # fmt: skip
+    calibration = load_calibration(args.attention_calibration) if args.attention_calibration is not None else None  # checked
+    klein = build_klein(args, args.batch_size, args.compile, args.weights, args.transformer)
+    selector = build_selector(args, args.selector or "auto", args.compile, calibration)
+    sampling = dict(seed=seeds, size=(args.height, args.width), steps=args.steps, guidance=args.guidance,
+                    keep=keep[0] if len(keep) == 1 else keep, selector=selector, kv_cache=args.kv_cache, device=device,
+                    dtype=dtype)  # fmt: skip
     try:
-        images, stats = generate(args.model, prompts, args.ref, steps=args.steps, guidance=args.guidance, seed=seeds,
-                                 height=args.height, width=args.width, kv_cache=args.kv_cache,
-                                 keep=keep[0] if len(keep) == 1 else keep, selector=args.selector or "auto",
-                                 task=args.task or "edit", uniform_mix=0.25 if args.uniform_mix is None else args.uniform_mix,
-                                 budget=args.budget or "uniform", lora=args.lora,
-                                 lora_scale=1.0 if args.lora_scale is None else args.lora_scale,
-                                 lora_merge=True if args.lora_merge else None, device=device, dtype=dtype,
-                                 save_selection=args.save_selection, selection_seed=args.selection_seed or 0,
-                                 batch_size=args.batch_size, attention_queries=attention["queries"],
-                                 attention_block=attention["block"], attention_sigma=attention["sigma"], weights=args.weights,
-                                 compile=args.compile, transformer_source=args.transformer,
-                                 attention_rescore_step=args.attention_rescore_step)  # fmt: skip
+        if args.attention_rescore_step is None:
+            images, stats = generate(klein, prompts, args.ref, **sampling)
+        else:
+            images, stats = generate_rescored(klein, prompts, args.ref, args.attention_rescore_step, **sampling)
+        if args.save_selection:  # only once every image exists: a failed run leaves nothing behind
+            save_selection_image(args.ref, stats.kept, args.save_selection)
         for image, path in zip(images, paths):
             write_atomic(path, image)
     except (OSError, ValueError, RuntimeError, KeyError) as e:
-        fail(e)
+        fail(flagged(e))
     for k, (before, after) in enumerate(stats.ref_tokens):
         print(f"reference {k}: {after} of {before} tokens kept ({after / before:.1%})")
     if stats.rescored:
@@ -191,14 +196,25 @@ def main(argv=None):
         print(f"wrote {path}")
 
 
+def save_selection_image(refs, kept, path):
+    """Each reference with its kept tokens highlighted, side by side in one image."""
+    images = load_references(refs)
+    tiles = [draw_selection(im, idx if idx is not None else torch.arange((im.size[0] // 16) * (im.size[1] // 16)))
+             for im, idx in zip(images, kept)]  # fmt: skip
+    canvas = Image.new("RGB", (sum(t.size[0] for t in tiles), max(t.size[1] for t in tiles)), "white")
+    x = 0
+    for t in tiles:
+        canvas.paste(t, (x, 0))
+        x += t.size[0]
+    write_atomic(path, canvas)
+
+
 def calibrate(args, prompts, seeds, device, dtype, start):
     """--calibrate: the calibration, its file, a summary."""
     try:
-        calibration = calibrate_selector(args.model, prompts, args.ref, seeds, steps=args.steps, height=args.height,
-                                         width=args.width, kv_cache=args.kv_cache, exact=args.calibrate_exact, lora=args.lora,
-                                         lora_scale=1.0 if args.lora_scale is None else args.lora_scale,
-                                         lora_merge=True if args.lora_merge else None, device=device, dtype=dtype,
-                                         weights=args.weights, transformer_source=args.transformer)  # fmt: skip
+        klein = build_klein(args, weights=args.weights, transformer=args.transformer)
+        calibration = calibrate_selector(klein, prompts, args.ref, seeds, steps=args.steps, size=(args.height, args.width),
+                                         kv_cache=args.kv_cache, exact=args.calibrate_exact, device=device, dtype=dtype)  # fmt: skip
         save_calibration(args.calibrate, calibration)
     except (OSError, ValueError, RuntimeError, KeyError) as e:
         fail(e)

@@ -7,7 +7,9 @@ from diffusers import Flux2Transformer2DModel
 from diffusers.models.transformers.transformer_flux2 import Flux2KVAttnProcessor, Flux2KVParallelSelfAttnProcessor
 from safetensors.torch import load_file, save_file
 
+import attention_selector
 import model
+import quant
 from model import Flux2, Flux2Config, KVCache
 from quant import FORMATS, Linear8, dequantize, quantize, to_8bit
 from tiny import TINY, bfl_fp8_file, make_inputs, randomize_
@@ -265,9 +267,10 @@ def test_reference_attention_equals_softmax_of_the_block(tiny, monkeypatch, bloc
                 p = torch.softmax(torch.stack([q[b, i, h] @ k[b, j, h] for j in keys]) / q.shape[-1] ** 0.5, dim=0)
                 want[b] += p[-M:]
     want /= q.shape[2] * len(rows)
-    got = model.reference_attention(ours, img, img_ids, txt, txt_ids, t, ref, ref_ids, block=block, queries=queries, kv_pattern=kv)
-    one_row = model.reference_attention(ours, img, img_ids, txt, txt_ids, t, ref, ref_ids, block=block, queries=queries,
-                                        kv_pattern=kv, chunk_bytes=1)  # fmt: skip
+    got = attention_selector.reference_attention(ours, img, img_ids, txt, txt_ids, t, ref, ref_ids, block=block, queries=queries, kv_pattern=kv)
+    monkeypatch.setattr(attention_selector, "CHUNK_BYTES", 1)
+    one_row = attention_selector.reference_attention(ours, img, img_ids, txt, txt_ids, t, ref, ref_ids, block=block, queries=queries,
+                                                     kv_pattern=kv)  # fmt: skip
     assert got.shape == (2, M) and (got >= 0).all()
     assert_close(got, want)
     assert_close(one_row, got)
@@ -278,7 +281,7 @@ def test_reference_attention_bad_arguments(tiny):
     img, img_ids, txt, txt_ids, t, ref, ref_ids = make_inputs(refs=((3, 4),))
     for kw, message in ((dict(block=4), "block 4"), (dict(queries="keys"), "queries")):
         with pytest.raises(ValueError, match=message):
-            model.reference_attention(ours, img, img_ids, txt, txt_ids, t, ref[0], ref_ids[0], **kw)
+            attention_selector.reference_attention(ours, img, img_ids, txt, txt_ids, t, ref[0], ref_ids[0], **kw)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -340,7 +343,7 @@ def eight_bit(tiny):
     """{(kind, dtype): the tiny model with 8-bit block Linears}, and the plain model in each dtype."""
     _, _, root = tiny
     plain = {dt: Flux2.from_pretrained(str(root), dtype=dt) for dt in (torch.float32, torch.bfloat16)}
-    q = {(k, dt): Flux2.from_pretrained(str(root), dtype=dt, weights=k) for k in FORMATS for dt in plain}
+    q = {(k, dt): quant.from_pretrained(str(root), k, dtype=dt) for k in FORMATS for dt in plain}
     return q, plain
 
 
@@ -436,7 +439,7 @@ def test_bfl_fp8_file_loads_as_it_is(tiny, tmp_path, per_row):
     _, ours, _ = tiny
     path = tmp_path / "flux-2-klein-tiny-fp8.safetensors"
     sd = bfl_fp8_file(ours, path, per_row)
-    model = Flux2.from_pretrained(str(path), dtype=torch.float32, weights="fp8")
+    model = quant.from_pretrained(str(path), "fp8", dtype=torch.float32)
     layers = linears8(model)
     assert len(layers) == 8 * TINY["num_layers"] + 2 * TINY["num_single_layers"]
     deq = {}
@@ -448,15 +451,16 @@ def test_bfl_fp8_file_loads_as_it_is(tiny, tmp_path, per_row):
     save_file({k: v.float().contiguous() for k, v in sd.items() if not k.endswith("_scale")} | deq, str(plain_path))
     plain = Flux2.from_pretrained(str(plain_path), dtype=torch.float32)
     assert_close(run_tiny(model, torch.float32), run_tiny(plain, torch.float32), rel=1e-6)
-    for weights in (None, "int8"):
-        with pytest.raises(ValueError, match="--weights fp8"):
-            Flux2.from_pretrained(str(path), weights=weights)
+    with pytest.raises(ValueError, match="weights fp8"):
+        Flux2.from_pretrained(str(path))
+    with pytest.raises(ValueError, match="weights fp8"):
+        quant.from_pretrained(str(path), "int8")
     bad = dict(sd, **{"single_blocks.0.linear1.weight_scale": torch.ones(2)})
     save_file({k: v.contiguous() for k, v in bad.items()}, str(tmp_path / "bad.safetensors"))
     with pytest.raises(ValueError, match="single_blocks.0.linear1.weight_scale: shape"):
-        Flux2.from_pretrained(str(tmp_path / "bad.safetensors"), weights="fp8")
-    with pytest.raises(ValueError, match="--weights 'fp4'"):
-        Flux2.from_pretrained(str(tiny[2]), weights="fp4")
+        quant.from_pretrained(str(tmp_path / "bad.safetensors"), "fp8")
+    with pytest.raises(ValueError, match="weights 'fp4'"):
+        quant.from_pretrained(str(tiny[2]), "fp4")
 
 
 @pytest.mark.parametrize("kind", ["int8", "fp8"])
@@ -465,6 +469,6 @@ def test_8bit_from_a_bfl_single_file_equals_from_a_diffusers_folder(tiny, eight_
     _, ours, _ = tiny
     path = tmp_path / "flux-2-klein-tiny.safetensors"
     save_file(bfl_from_diffusers_via_ours(ours), str(path))
-    got, want = Flux2.from_pretrained(str(path), weights=kind).state_dict(), eight_bit[0][(kind, torch.float32)].state_dict()
+    got, want = quant.from_pretrained(str(path), kind).state_dict(), eight_bit[0][(kind, torch.float32)].state_dict()
     assert sorted(got) == sorted(want)
     assert all(torch.equal(bits(v), bits(want[k])) for k, v in got.items())

@@ -15,7 +15,8 @@ from diffusers.pipelines.flux2.image_processor import Flux2ImageProcessor
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-import klein
+from klein import grid_ids, initial_noise, prepare_reference, schedule, to_tensor
+import cli
 import pipeline
 import sample
 from tiny import HIDDEN, make_pipeline_folder, photo
@@ -43,8 +44,11 @@ def diffusers_image(pipe, refs, seed, **kw):
     return (out.images[0] * 255).round().astype(np.int32)
 
 
-def ours_image(root, refs, seed, **kw):
-    image, _ = pipeline.generate(str(root), "a red cube", refs, seed=seed, progress=False, **kw)
+def ours_image(root, refs, seed, height=None, width=None, lora=None, **kw):
+    import lora as lora_files
+
+    model = pipeline.Klein(str(root), transforms=(lora_files.transform(lora),) if lora else ())
+    image, _ = pipeline.generate(model, "a red cube", refs, seed=seed, size=(height, width), **kw)
     return np.array(image).astype(np.int32)
 
 
@@ -93,15 +97,15 @@ def test_reference_preprocessing_equals_diffusers(size, mode):
         ref = proc._resize_to_target_area(ref, 1024 * 1024)
     w, h = ref.size[0] // 16 * 16, ref.size[1] // 16 * 16
     want = proc.preprocess(ref, height=h, width=w, resize_mode="crop")
-    ours = klein.prepare_reference(image)
+    ours = prepare_reference(image)
     assert ours.size == (w, h)
-    assert torch.equal(klein.to_tensor(ours), want)
+    assert torch.equal(to_tensor(ours), want)
 
 
 @pytest.mark.parametrize("size", [(63, 200), (600, 70)])
 def test_reference_size_errors(size):
     with pytest.raises(ValueError, match="too small|aspect ratio"):
-        klein.prepare_reference(photo(*size))
+        prepare_reference(photo(*size))
     with pytest.raises(ValueError):
         Flux2ImageProcessor.check_image_input(photo(*size))  # diffusers refuses the same images
 
@@ -112,8 +116,8 @@ def test_schedule_equals_diffusers_scheduler():
         from diffusers.pipelines.flux2.pipeline_flux2_klein import compute_empirical_mu
 
         sched.set_timesteps(sigmas=np.linspace(1.0, 1 / n, n), mu=compute_empirical_mu(seq, n))
-        assert torch.equal(klein.schedule(n, seq), sched.sigmas)
-    assert klein.schedule(4, 4096)[:4].tolist() == pytest.approx([1.0, 0.9674, 0.9081, 0.7672], abs=1e-4)
+        assert torch.equal(schedule(n, seq), sched.sigmas)
+    assert schedule(4, 4096)[:4].tolist() == pytest.approx([1.0, 0.9674, 0.9081, 0.7672], abs=1e-4)
 
 
 def run_cli(*args):
@@ -134,13 +138,13 @@ def test_cli_writes_image_and_reports(distilled, tmp_path):
 def test_cli_weights_loads_an_8bit_transformer(distilled, tmp_path, monkeypatch):
     """sample.py --weights int8: generate() loads the transformer with 8-bit block Linears and writes
     the image (how close it is to the 16-bit one: test_sparse_model's 8-bit tests)."""
-    from model import Flux2
+    import cli
     from quant import Linear8
 
     root, _ = distilled
     models = []
-    load = Flux2.from_pretrained.__func__
-    monkeypatch.setattr(Flux2, "from_pretrained", classmethod(lambda cls, *a, **k: models.append(load(cls, *a, **k)) or models[-1]))
+    load = cli.load_8bit
+    monkeypatch.setattr(cli, "load_8bit", lambda *a, **k: models.append(load(*a, **k)) or models[-1])
     REFS[0].save(tmp_path / "ref.png")
     sample.main(["--model", str(root), "--prompt", "a red cube", "--ref", str(tmp_path / "ref.png"), "--out",
                  str(tmp_path / "out.png"), "--weights", "int8"])  # fmt: skip
@@ -244,7 +248,8 @@ def test_lora_unmerged_beside_16_bit_weights(distilled, tmp_path, monkeypatch):
     real = lora.load_lora
     monkeypatch.setattr(lora, "load_lora", lambda m, p, scale=1.0, merge=True: seen.append((next(m.parameters()).dtype, merge)) or real(m, p, scale, merge))
     for dtype, force in ((torch.float32, None), (torch.bfloat16, None), (torch.bfloat16, True)):
-        with pipeline.loaded(Flux2, root, dtype, torch.device("cpu"), str(tmp_path / "lora.safetensors"), lora_merge=force) as m:
+        klein = pipeline.Klein(str(root), transforms=(lora.transform(str(tmp_path / "lora.safetensors"), merge=force),))
+        with pipeline.loaded(klein.load_transformer, root, dtype, torch.device("cpu")) as m:
             assert bool(lora.lora_modules(m)) == (seen[-1][1] is False)
             assert all(not p.requires_grad for n, p in m.named_parameters() if "lora_" not in n)
     assert seen == [(torch.float32, True), (torch.bfloat16, False), (torch.bfloat16, True)]
@@ -267,7 +272,7 @@ def diffusers_loop(pipe, refs, kept, seed, steps=4, kv=False):
 
     with torch.no_grad():
         txt, txt_ids = pipe.encode_prompt(prompt="a red cube", device="cpu", max_sequence_length=512)
-        images = [klein.to_tensor(klein.prepare_reference(r)) for r in refs]
+        images = [to_tensor(prepare_reference(r)) for r in refs]
         ref, ref_ids = pipe.prepare_image_latents(images=images, batch_size=1, generator=None, device="cpu", dtype=torch.float32)
         offsets = np.cumsum([0] + [im.shape[2] * im.shape[3] // 256 for im in images])
         rows = torch.cat([torch.as_tensor(idx) + int(o) for idx, o in zip(kept, offsets)])
@@ -302,8 +307,7 @@ def test_sparse_sampling_equals_diffusers_on_the_same_subset(distilled, kv, sele
         pipe = Flux2KleinKVPipeline(**pipe.components)
         pipe.transformer = Flux2Transformer2DModel.from_pretrained(root / "transformer")
         pipe._set_kv_attn_processors()
-    image, stats = pipeline.generate(str(root), "a red cube", REFS, seed=9, kv_cache=kv, keep=keep, selector=selector,
-                                   progress=False)  # fmt: skip
+    image, stats = pipeline.generate(str(root), "a red cube", REFS, seed=9, kv_cache=kv, keep=keep, selector=selector)  # fmt: skip
     counts = [after for _, after in stats.ref_tokens]
     keeps = keep if isinstance(keep, list) else [keep, keep]
     assert counts == [max(1, round(k * n)) for k, (n, _) in zip(keeps, stats.ref_tokens)]
@@ -318,28 +322,29 @@ def test_attention_selector_equals_its_kept_indices_by_hand(distilled, kv, budge
     """--selector attention: the transformer scores every reference token once (its first image's noise
     at the first sigma), the usual sampling rule draws the kept set from those scores, and the image is
     diffusers' on exactly that subset, with and without the KV cache, with every budget."""
-    from model import Flux2, reference_attention
-    from token_selectors import select_reference_tokens
+    from attention_selector import AttentionSelector, reference_attention
+    from model import Flux2
+    from token_selectors import Selector, select_reference_tokens
 
     root, pipe = distilled
     if kv:
         pipe = Flux2KleinKVPipeline(**pipe.components)
         pipe.transformer = Flux2Transformer2DModel.from_pretrained(root / "transformer")
         pipe._set_kv_attn_processors()
-    image, stats = pipeline.generate(str(root), "a red cube", REFS, seed=9, kv_cache=kv, keep=0.3, selector="attention",
-                                     budget=budget, attention_queries=queries, progress=False)  # fmt: skip
+    selector = AttentionSelector(Selector(budget=budget), queries=queries)
+    image, stats = pipeline.generate(str(root), "a red cube", REFS, seed=9, kv_cache=kv, keep=0.3, selector=selector)  # fmt: skip
     assert "token scoring" in stats.seconds
     # the same scores and selection, by hand
     images = pipeline.load_references(REFS)
     transformer = Flux2.from_pretrained(str(root))
     with torch.no_grad():
         txt, txt_ids = pipe.encode_prompt(prompt="a red cube", device="cpu", max_sequence_length=512)
-        latents = [klein.to_tensor(im) for im in images]
+        latents = [to_tensor(im) for im in images]
         ref, ref_ids = pipe.prepare_image_latents(images=latents, batch_size=1, generator=None, device="cpu", dtype=torch.float32)
     h, w = images[0].size[1] // 16, images[0].size[0] // 16
-    x = klein.initial_noise(9, transformer.cfg.in_channels, h, w, torch.float32)
-    sigma = klein.schedule(4, h * w)[:1]
-    scores = reference_attention(transformer, x, klein.grid_ids(h, w), txt, txt_ids[0], sigma, ref, ref_ids[0],
+    x = initial_noise(9, transformer.cfg.in_channels, h, w, torch.float32)
+    sigma = schedule(4, h * w)[:1]
+    scores = reference_attention(transformer, x, grid_ids(h, w), txt, txt_ids[0], sigma, ref, ref_ids[0],
                                  queries=queries, kv_pattern=kv)[0]  # fmt: skip
     sizes = [(im.size[0] // 16) * (im.size[1] // 16) for im in images]
     kept = select_reference_tokens(images, 0.3, "attention", budget=budget, scores=list(scores.split(sizes)))
@@ -350,17 +355,17 @@ def test_attention_selector_equals_its_kept_indices_by_hand(distilled, kv, budge
 
 def test_keep_one_is_dense_and_bad_keeps(distilled, tmp_path):
     root, _ = distilled
-    dense, _ = pipeline.generate(str(root), "a red cube", REFS, seed=2, progress=False)
-    kept, stats = pipeline.generate(str(root), "a red cube", REFS, seed=2, keep=[1.0, 1.0], selector="canny",
-                                  save_selection=tmp_path / "sel.png", progress=False)  # fmt: skip
+    dense, _ = pipeline.generate(str(root), "a red cube", REFS, seed=2)
+    kept, stats = pipeline.generate(str(root), "a red cube", REFS, seed=2, keep=[1.0, 1.0], selector="canny")
+    sample.save_selection_image(REFS, stats.kept, tmp_path / "sel.png")
     assert np.array_equal(np.array(dense), np.array(kept))
     assert stats.ref_tokens == [(20, 20), (24, 24)]
     assert Image.open(tmp_path / "sel.png").size == (80 + 64, 96)
     for keep, match in [(0.0, "keep"), (1.5, "keep"), ([0.5], "2 reference"), ([0.1, 0.2, 0.3], "2 reference")]:
         with pytest.raises(ValueError, match=match):
-            pipeline.generate(str(root), "x", REFS, keep=keep, progress=False)
+            pipeline.generate(str(root), "x", REFS, keep=keep)
     with pytest.raises(ValueError, match="selector"):
-        pipeline.generate(str(root), "x", REFS, keep=0.5, selector="sobel", progress=False)
+        pipeline.generate(str(root), "x", REFS, keep=0.5, selector="sobel")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -390,8 +395,8 @@ def many(distilled):
         mp.setattr(TextEncoder, "encode", lambda self, prompts, *a: counts.update(prompts) or encode(self, prompts, *a))
         mp.setattr(AutoEncoder, "encode", lambda self, x: counts.update(["vae encodes"] * len(x)) or vae_encode(self, x))
         mp.setattr(Flux2, "forward", counting_forward)
-        images, stats = pipeline.generate(str(root), PROMPTS, REFS, seed=[3, 4], kv_cache=True, batch_size=3,
-                                        progress=False, **SPARSE)  # fmt: skip
+        images, stats = pipeline.generate(pipeline.Klein(str(root), batch_size=3), PROMPTS, REFS, seed=[3, 4], kv_cache=True,
+                                          **SPARSE)  # fmt: skip
     return images, stats, counts
 
 
@@ -403,7 +408,7 @@ def test_many_images_equal_single_runs(distilled, many):
     assert counts == {PROMPTS[0]: 1, PROMPTS[1]: 1, "vae encodes": 2, "reference forwards": 1, "reference rows": 1}
     jobs = [(p, s) for p in PROMPTS for s in (3, 4)]
     for (prompt, seed), image in zip(jobs, images):
-        single, _ = pipeline.generate(str(root), prompt, REFS, seed=seed, kv_cache=True, progress=False, **SPARSE)
+        single, _ = pipeline.generate(str(root), prompt, REFS, seed=seed, kv_cache=True, **SPARSE)
         assert np.abs(np.array(image).astype(np.int32) - np.array(single).astype(np.int32)).max() <= 1, (prompt, seed)
     pairs = [np.array(im).astype(np.int32) for im in images]
     assert min(np.abs(a - b).max() for i, a in enumerate(pairs) for b in pairs[i + 1 :]) > 5  # all different
@@ -420,8 +425,8 @@ def test_batched_sampling_equals_one_at_a_time(distilled, kv, keep, guidance):
     g = torch.Generator().manual_seed(0)
     txts = {p: torch.randn(1, 8, 3 * HIDDEN, generator=g) for p in PROMPTS}
     neg = torch.randn(1, 8, 3 * HIDDEN, generator=g)
-    encoded = [(torch.randn(1, 20, 16, generator=g), klein.grid_ids(4, 5, t=10)),
-               (torch.randn(1, 24, 16, generator=g), klein.grid_ids(6, 4, t=20))]  # fmt: skip
+    encoded = [(torch.randn(1, 20, 16, generator=g), grid_ids(4, 5, t=10)),
+               (torch.randn(1, 24, 16, generator=g), grid_ids(6, 4, t=20))]  # fmt: skip
     kept = [None, None] if keep is None else [torch.tensor([0, 3, 7, 19]), torch.tensor([2, 5, 23])]
     ref, ref_ids = pipeline.gather_references(encoded, kept)
     jobs = [(p, s) for p in PROMPTS for s in (3, 4)]
@@ -456,7 +461,7 @@ def test_compiled_sampling_equals_eager_once_per_bucket():
     compiled.compile(fullgraph=True, dynamic=False)
     g = torch.Generator().manual_seed(0)
     txts = {"p": torch.randn(1, 8, 24, generator=g)}
-    encoded = [(torch.randn(1, 40, 16, generator=g), klein.grid_ids(5, 8, t=10))]
+    encoded = [(torch.randn(1, 40, 16, generator=g), grid_ids(5, 8, t=10))]
     keeps, bucket = [0.1, 0.3, 0.6], 16  # 4, 12, 24 tokens -> 16, 16, 32
     torch._dynamo.reset()
     counters.clear()
@@ -478,7 +483,7 @@ def test_compile_option_buckets_and_compiles(distilled, tmp_path, monkeypatch, c
     root, _ = distilled
     calls = []
     monkeypatch.setattr(Flux2, "compile", lambda self, **kw: calls.append(kw))  # compiled for real above
-    monkeypatch.setattr(pipeline, "COMPILE_BUCKET", 8)
+    monkeypatch.setattr(cli, "COMPILE_BUCKET", 8)
     for i, image in enumerate(REFS):
         image.save(tmp_path / f"r{i}.png")
     sample.main(["--model", str(root), "--prompt", "a red cube", "--ref", str(tmp_path / "r0.png"), str(tmp_path / "r1.png"),
@@ -661,12 +666,12 @@ def test_help_shows_every_default_and_cpu_bf16_warns(capsys):
         for action in parser._actions:
             if action.dest != "help":
                 assert "default" in action.help or "required" in action.help, action.option_strings
-    pipeline.warn_slow_dtype(torch.device("cpu"), torch.bfloat16)
-    pipeline.warn_slow_dtype(torch.device("cpu"), torch.float32)
+    cli.warn_slow_dtype(torch.device("cpu"), torch.bfloat16)
+    cli.warn_slow_dtype(torch.device("cpu"), torch.float32)
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("warning: bfloat16 on a CPU")
-    with pytest.raises(ValueError, match="--steps"):
-        klein.schedule(100000, 4096)  # would be NaN
+    with pytest.raises(ValueError, match="steps must be an integer from 1 to 1000"):  # the library names its argument
+        schedule(100000, 4096)  # would be NaN
 
 
 # ----------------------------------------------------------------------------------------------

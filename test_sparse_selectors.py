@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 from skimage import data
 
-import klein
+from klein import n_keep
 import token_selectors as ts
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -406,13 +406,13 @@ def test_adaptive_budget(selector):
 def test_counts_round_up_to_a_multiple():
     """multiple (pipeline.COMPILE_BUCKET for a compiled transformer): each count, or the adaptive
     total, rounds up to a multiple of it or to every token; multiple 1 is the plain rule."""
-    assert [klein.n_keep(k, 100, 16) for k in (0.001, 0.1, 0.16, 0.17, 0.9, 0.97, 1.0)] == [16, 16, 16, 32, 96, 100, 100]
-    assert [klein.n_keep(k, 100) for k in (0.001, 0.1, 0.17)] == [1, 10, 17]
+    assert [n_keep(k, 100, 16) for k in (0.001, 0.1, 0.16, 0.17, 0.9, 0.97, 1.0)] == [16, 16, 16, 32, 96, 100, 100]
+    assert [n_keep(k, 100) for k in (0.001, 0.1, 0.17)] == [1, 10, 17]
     images = refs()
     sizes = [im.shape[0] // 16 * im.shape[1] // 16 for im in images]
     for keep in (0.05, 0.3):
         counts = [len(k) for k in ts.select_reference_tokens(images, keep, "canny", multiple=64)]
-        assert counts == [klein.n_keep(keep, n, 64) for n in sizes] and all(c % 64 == 0 or c == n for c, n in zip(counts, sizes))
+        assert counts == [n_keep(keep, n, 64) for n in sizes] and all(c % 64 == 0 or c == n for c, n in zip(counts, sizes))
         total = sum(len(k) for k in ts.select_reference_tokens(images, keep, "canny", budget="adaptive", multiple=64))
         assert total % 64 == 0 and round(keep * sum(sizes)) <= total < round(keep * sum(sizes)) + 64
 

@@ -10,7 +10,7 @@ import scipy.stats
 import torch
 
 import calibrate
-import klein
+from klein import grid_ids, initial_noise, schedule, text_ids
 import pipeline
 import sample
 from calibrate import calibrate_attention, gated_reference_keys, load_calibration, save_calibration, spearman, token_influence
@@ -328,14 +328,14 @@ def test_rescore_with_cache_equals_the_new_set_by_hand_from_step_k(klein):
     with torch.no_grad():
         txts, _, encoded = pipeline.encode_inputs(str(root), ["a red cube"], images, False, dtype, device)
         txt = txts["a red cube"]
-        txt_ids, img_ids = klein.text_ids(txt.shape[1]), klein.grid_ids(h, w)
-        sigmas = klein.schedule(4, h * w)
+        txt_ids, img_ids = text_ids(txt.shape[1]), grid_ids(h, w)
+        sigmas = schedule(4, h * w)
         ref0, ids0 = pipeline.gather_references(encoded, stats.kept)
         ref1, ids1 = pipeline.gather_references(encoded, stats.rescored)
         cache0, cache1 = KVCache(), KVCache()
         latents = []
         for i, seed in enumerate(seeds):
-            x = klein.initial_noise(seed, 16, h, w, dtype)
+            x = initial_noise(seed, 16, h, w, dtype)
             x = pipeline.denoise(transformer, x, img_ids, txt, txt_ids, sigmas[: K + 1], ref=ref0, ref_ids=ids0, kv_cache=cache0)
             if i == 0:  # the re-score: every token, from this latent at sigma_K
                 every, every_ids = pipeline.gather_references(encoded, [None, None])
@@ -385,7 +385,7 @@ def test_cli_calibrate_then_sample_with_it(klein, tmp_path, capsys):
     c = json.loads(cal.read_text())
     assert len(c["table"]) == 3 * len(QUERIES) * 4  # 3 blocks, every queries choice, the 4 steps' sigmas
     h, w = pipeline.output_size(pipeline.load_references(REFS), None, None)
-    assert sorted({r["sigma"] for r in c["table"]}, reverse=True) == klein.schedule(4, h * w)[:4].tolist()
+    assert sorted({r["sigma"] for r in c["table"]}, reverse=True) == schedule(4, h * w)[:4].tolist()
     assert c["kv_cache"] is False and c["influence"] == "proxy"
 
     sample.main(common + ["--keep", "0.3", "--selector", "attention", "--attention-calibration", str(cal), "--attention-rescore-step",

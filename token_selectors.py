@@ -21,6 +21,7 @@ May import: files, klein.
 import math
 import os
 import sys
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -354,6 +355,34 @@ def select_reference_tokens(images, keep, selector="canny", seed=0, uniform_mix=
         counts = _split_budget(total, ((1 - a) * mass + a * area).tolist(), sizes)
     widths = [w // PATCH if coverage else None for _, w in shapes]
     return [_sample(s, k, seed + i, uniform_mix, w) for i, (s, k, w) in enumerate(zip(scores, counts, widths))]
+
+
+@dataclass
+class Selector:
+    """A selection rule as pipeline.generate calls it: selector(images, keeps, scene) -> kept indices
+    per reference, None keeping all (every keep 1 with the uniform budget: dense, bit-identical to klein).
+
+    name "canny" (instruction editing), "saliency" (subject personalization) or "random" (training's
+    rule); multiple: round each kept count up to a multiple of it (a compiled transformer's shapes).
+    Model-aware rules (attention_selector.AttentionSelector) reuse it with the model's scores.
+    """
+
+    name: str = "canny"
+    uniform_mix: float = 0.25
+    budget: str = "uniform"
+    seed: int = 0
+    multiple: int = 1
+
+    def __call__(self, images, keeps, scene=None, scores=None):
+        if not is_sparse(keeps, self.budget):
+            return [None] * len(images)
+        return select_reference_tokens(images, keeps, self.name, self.seed, self.uniform_mix, self.budget,
+                                       scores=scores, multiple=self.multiple)  # fmt: skip
+
+
+def is_sparse(keeps, budget="uniform"):
+    """Tokens are dropped: some keep below 1, or the adaptive budget."""
+    return any(k < 1 for k in keeps) or budget == "adaptive"
 
 
 # -----------------------------------------------------------------------------
