@@ -1,4 +1,4 @@
-"""ToPi's recipe on the attention selector (calibrate.py, pipeline.rescore_references, sample.py
+"""ToPi's recipe on the attention selector (calibrate.py, attention_selector.generate_rescored, sample.py
 --calibrate / --attention-calibration / --attention-rescore-step) on tiny random models."""
 
 import json
@@ -14,7 +14,10 @@ from klein import grid_ids, initial_noise, schedule, text_ids
 import pipeline
 import sample
 from calibrate import calibrate_attention, gated_reference_keys, load_calibration, save_calibration, spearman, token_influence
-from model import QUERIES, Flux2, Flux2Config, KVCache, reference_attention
+import attention_selector
+from attention_selector import QUERIES, AttentionSelector, generate_rescored, reference_attention
+from model import Flux2, Flux2Config, KVCache
+from token_selectors import Selector
 from tiny import make_inputs, make_pipeline_folder, photo, randomize_
 
 CFG = Flux2Config(in_channels=16, hidden_size=48, num_heads=3, depth=2, depth_single=2, context_dim=24, axes_dim=(4, 4, 4, 4))
@@ -264,14 +267,14 @@ def klein(tmp_path_factory):
 
 
 def constant_scores(monkeypatch):
-    """pipeline's reference_attention, replaced by equal scores for every token; returns its call count."""
+    """attention_selector's reference_attention, replaced by equal scores for every token; returns its call count."""
     calls = []
 
     def flat(model, img, img_ids, txt, txt_ids, t, ref, ref_ids, **kw):
         calls.append(kw)
         return torch.ones(img.shape[0], ref.shape[1])
 
-    monkeypatch.setattr(pipeline, "reference_attention", flat)
+    monkeypatch.setattr(attention_selector, "reference_attention", flat)
     return calls
 
 
@@ -279,19 +282,18 @@ def constant_scores(monkeypatch):
 def test_rescore_without_change_is_bit_identical(klein, monkeypatch, kv):
     root, _ = klein
     calls = constant_scores(monkeypatch)
-    run = lambda **kw: pipeline.generate(str(root), "a red cube", REFS, seed=[3, 4], kv_cache=kv, keep=0.3,  # noqa: E731
-                                         selector="attention", progress=False, **kw)  # fmt: skip
-    plain, stats = run()
+    sampling = dict(seed=[3, 4], kv_cache=kv, keep=0.3, selector=AttentionSelector())
+    plain, stats = pipeline.generate(str(root), "a red cube", REFS, **sampling)
     assert len(calls) == 1 and stats.rescored == []
-    again, rescored = run(attention_rescore_step=2)
+    again, rescored = generate_rescored(str(root), "a red cube", REFS, 2, **sampling)
     assert len(calls) == 3  # the re-score ran: every reference token scored again
     assert all(torch.equal(a, b) for a, b in zip(rescored.rescored, stats.kept))
     assert all(np.array_equal(np.array(a), np.array(b)) for a, b in zip(plain, again))
 
 
 def test_two_segments_with_the_same_set_are_one_run(klein):
-    """Without a cache, re-selecting the same set (not short-cut to None) is bit-identical: the run
-    split at step K is the same Euler steps."""
+    """Without a cache, denoising the same set in two segments split at step K (as generate_rescored
+    does when the set changes) is bit-identical to one run: the same Euler steps."""
     root, _ = klein
     transformer = Flux2.from_pretrained(str(root))
     images = pipeline.load_references(REFS)
@@ -301,9 +303,13 @@ def test_two_segments_with_the_same_set_are_one_run(klein):
         kept = [torch.tensor([0, 3, 5, 8]), torch.tensor([1, 2, 20])]
         ref, ref_ids = pipeline.gather_references(encoded, kept)
         jobs = [("a red cube", 3), ("a red cube", 4)]
-        same = lambda x, sigma: (kept, *pipeline.gather_references(encoded, kept))  # noqa: E731
         one = pipeline.sample_latents(transformer, jobs, txts, h, w, 4, ref, ref_ids)
-        two = pipeline.sample_latents(transformer, jobs, txts, h, w, 4, ref, ref_ids, rescore=(2, same))
+        sigmas, two = schedule(4, h * w), []
+        for p, s in jobs:
+            x = initial_noise(s, 16, h, w, torch.float32)
+            for part in (sigmas[:3], sigmas[2:]):
+                x = pipeline.denoise(transformer, x, grid_ids(h, w), txts[p], text_ids(txts[p].shape[1]), part, ref=ref, ref_ids=ref_ids)
+            two.append(x)
     assert all(torch.equal(a, b) for a, b in zip(one, two))
 
 
@@ -315,8 +321,8 @@ def test_rescore_with_cache_equals_the_new_set_by_hand_from_step_k(klein):
 
     root, _ = klein
     K, seeds = 2, [3, 4]
-    images_out, stats = pipeline.generate(str(root), "a red cube", REFS, seed=seeds, kv_cache=True, keep=0.3, selector="attention",
-                                          attention_rescore_step=K, progress=False)  # fmt: skip
+    images_out, stats = generate_rescored(str(root), "a red cube", REFS, K, seed=seeds, kv_cache=True, keep=0.3,
+                                          selector=AttentionSelector())  # fmt: skip
     assert "token scoring" in stats.seconds
     changed = sum(not torch.equal(a, b) for a, b in zip(stats.kept, stats.rescored))
     assert changed, "this case must change the kept set"
@@ -350,8 +356,8 @@ def test_rescore_with_cache_equals_the_new_set_by_hand_from_step_k(klein):
         from vae import AutoEncoder
 
         want = pipeline.decode_latents(AutoEncoder.from_pretrained(str(root)), latents, h, w)
-        no_rescore = pipeline.generate(str(root), "a red cube", REFS, seed=seeds, kv_cache=True, keep=0.3, selector="attention",
-                                       progress=False)[0]  # fmt: skip
+        no_rescore = pipeline.generate(str(root), "a red cube", REFS, seed=seeds, kv_cache=True, keep=0.3,
+                                       selector=AttentionSelector())[0]  # fmt: skip
     for got, exp, old in zip(images_out, want, no_rescore):
         assert np.array_equal(np.array(got), np.array(exp))
     assert any(not np.array_equal(np.array(a), np.array(b)) for a, b in zip(images_out, no_rescore))
@@ -361,10 +367,9 @@ def test_rescore_with_kv_reference_queries_changes_nothing(klein):
     """In the KV pattern the references' mutual attention depends on neither prompt nor latent: the
     re-score with queries "references" draws the same set, and the run is bit-identical."""
     root, _ = klein
-    run = lambda **kw: pipeline.generate(str(root), "a red cube", REFS, seed=5, kv_cache=True, keep=0.3, selector="attention",  # noqa: E731
-                                         attention_queries="references", uniform_mix=0.0, progress=False, **kw)  # fmt: skip
-    plain, stats = run()
-    again, rescored = run(attention_rescore_step=1)
+    sampling = dict(seed=5, kv_cache=True, keep=0.3, selector=AttentionSelector(Selector(uniform_mix=0.0), queries="references"))
+    plain, stats = pipeline.generate(str(root), "a red cube", REFS, **sampling)
+    again, rescored = generate_rescored(str(root), "a red cube", REFS, 1, **sampling)
     assert all(torch.equal(a, b) for a, b in zip(stats.kept, rescored.rescored))
     assert np.array_equal(np.array(plain), np.array(again))
 
@@ -391,8 +396,8 @@ def test_cli_calibrate_then_sample_with_it(klein, tmp_path, capsys):
     sample.main(common + ["--keep", "0.3", "--selector", "attention", "--attention-calibration", str(cal), "--attention-rescore-step",
                           "2", "--out", str(tmp_path / "o.png"), "--seed", "7"])  # fmt: skip
     assert "re-scored at step 2" in capsys.readouterr().out
-    want, _ = pipeline.generate(str(root), "a red cube", REFS, seed=7, keep=0.3, selector="attention", attention_block=c["block"],
-                                attention_queries=c["queries"], attention_sigma=c["sigma"], attention_rescore_step=2, progress=False)  # fmt: skip
+    selector = AttentionSelector(block=c["block"], queries=c["queries"], sigma=c["sigma"])
+    want, _ = generate_rescored(str(root), "a red cube", REFS, 2, seed=7, keep=0.3, selector=selector)
     got = np.array(pipeline.load_image(tmp_path / "o.png"))
     assert np.array_equal(got, np.array(want))
     assert sorted(os.listdir(tmp_path)) == ["cal.json", "o.png"]
