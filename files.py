@@ -179,30 +179,39 @@ def load_image(path):
 # Writing: atomically, and only where it can succeed
 
 
+IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}  # what outputs may be
+
+
 def image_format(path):
-    """PIL's format name for path's extension; an unknown extension is a ValueError."""
-    fmt = Image.registered_extensions().get(os.path.splitext(str(path))[1].lower())
+    """PIL's format name for an output image's extension (.png, .jpg, .jpeg, .webp); another is a ValueError."""
+    fmt = IMAGE_FORMATS.get(os.path.splitext(str(path))[1].lower())
     if fmt is None:
         raise ValueError(f"unknown image format for {path}; use .png, .jpg or .webp")
     return fmt
 
 
 def check_writable(path, what="output"):
-    """path can be created or replaced: not a folder, and its nearest existing folder is writable."""
+    """path can be created or replaced: not a folder, and its folder exists and is writable. The one
+    rule for every output: a missing folder is an error (a typo in it would go unnoticed), except the
+    output folder a script is given (check_writable_folder), which it creates."""
     path = os.path.abspath(path)
     if os.path.isdir(path):
         raise ValueError(f"{what} {path} is a folder")
     folder = os.path.dirname(path)
-    while not os.path.exists(folder):
-        folder = os.path.dirname(folder)
+    if not os.path.exists(folder):
+        raise ValueError(f"cannot write {what} {path}: folder {folder} does not exist")
     if not os.path.isdir(folder) or not os.access(folder, os.W_OK | os.X_OK):
         raise ValueError(f"cannot write {what} {path}: {folder} is not a writable folder")
 
 
 def check_writable_folder(path, what="--out-dir"):
+    """An output folder: an existing writable folder, or one whose parent exists (it is created)."""
     if os.path.exists(path) and not os.path.isdir(path):
         raise ValueError(f"{what} {path} exists and is not a folder")
-    check_writable(os.path.join(path, "x"), what)
+    if os.path.isdir(path):
+        check_writable(os.path.join(path, "x"), what)
+    else:
+        check_writable(os.path.abspath(path), what)
 
 
 def umask():
@@ -321,14 +330,28 @@ def check_number(option, value, low=None, high=None, integer=False, low_open=Fal
     return value
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """The description's own layout kept; each option's default shown once: the help's own "(default:
+    ...)" where it says one, else argparse's; a required option says so."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if not action.option_strings or action.default is argparse.SUPPRESS or "default" in text or "required" in text:
+            return text
+        if action.required:
+            return f"{text} (required)"
+        return f"{text} (default: {'off' if action.default is False else 'none' if action.default is None else '%(default)s'})"
+
+
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse that shows every default and reports a bad option as one line, `error: ...`, exit status 2."""
+    """argparse that shows every default once and reports a bad option as one line, `error: ...`, exit
+    status 1: the same status as every other bad value (fail)."""
 
     def __init__(self, **kwargs):
-        super().__init__(**{"formatter_class": argparse.ArgumentDefaultsHelpFormatter} | kwargs)
+        super().__init__(**{"formatter_class": HelpFormatter} | kwargs)
 
     def error(self, message):
-        self.exit(2, f"error: {message} (see --help)\n")
+        self.exit(1, f"error: {message} (see --help)\n")
 
 
 def fail(e):
