@@ -230,7 +230,8 @@ def lora_deltas(model, sd, metadata=None):
             raise ValueError(f"LoRA state dict has two {SUFFIXES[suffix]} tensors for {module} (e.g. {key})")
         entry[SUFFIXES[suffix]] = value
     if unknown:
-        raise ValueError(f"unknown LoRA keys for FLUX.2 ({len(unknown)}): {', '.join(sorted(unknown))}")
+        more = f" and {len(unknown) - 4} more" if len(unknown) > 4 else ""
+        raise ValueError(f"unknown LoRA keys for FLUX.2 ({len(unknown)}): {', '.join(sorted(unknown)[:4])}{more}")
 
     file_alpha, rslora = peft_alpha(metadata or {})
     deltas, taken, problems = [], {}, []
@@ -333,6 +334,9 @@ def check_lora_file(path):
     """The LoRA (a file, or a folder holding pytorch_lora_weights.safetensors) parses and holds only
     finite values: a NaN LoRA would give a black image."""
     sd, _ = read_lora(path)
+    if not any(k.endswith(s) for k in sd for s in SUFFIXES):
+        raise ValueError(f"{path} is not a LoRA file (no known LoRA keys such as *.lora_A.weight): {len(sd)} keys, "
+                         f"e.g. {', '.join(sorted(sd)[:3])}")  # fmt: skip
     bad = [k for k, v in sd.items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if bad:
         raise ValueError(f"LoRA file {path}: {len(bad)} tensors hold NaN or inf values, e.g. {bad[0]}")
