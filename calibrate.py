@@ -231,3 +231,8 @@ def calibrate_selector(model, prompt, refs, seed=0, steps=None, size=None, kv_ca
             examples = [(initial_noise(s, transformer.cfg.in_channels, h, w, dtype).to(device), img_ids, txts[p],
                          text_ids(txts[p].shape[1]).to(device), ref, ref_ids) for p in prompts for s in seeds]  # fmt: skip
             return calibrate_attention(transformer, examples, sigmas, kv_pattern=kv_cache, exact=exact, progress=say)
+
+
+if __name__ == "__main__":  # a module, not a command: its command is sample.py --calibrate
+    print(__doc__.strip() + "\n\nIts command: python sample.py --model M --ref IMAGE ... --prompt TEXT --seeds 0 1 --calibrate OUT.json")
+    sys.exit(0 if set(sys.argv[1:]) <= {"-h", "--help"} else 1)

@@ -2,7 +2,7 @@
 `save_pretrained`, and small inputs for them: what the tests, bench.py and the README's offline
 example load instead of the multi-GB weights nothing here can download.
 
-    python -c "import pathlib, tiny; tiny.make_pipeline_folder(pathlib.Path('tiny-klein'), distilled=True)"
+    python tiny.py tiny-klein                # a distilled pipeline folder (4 steps, no CFG); --base: a base one
 
 Needs requirements-dev.txt (diffusers, transformers): those libraries write the files, so a file our
 loaders read is one the reference implementation wrote. No run-time script imports this module.
@@ -15,10 +15,10 @@ import os
 
 import numpy as np
 import torch
-from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline, Flux2Transformer2DModel
 from PIL import Image
 from safetensors.torch import save_file
-from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers, trainers
+
+from klein import grid_ids
 
 # ----------------------------------------------------------------------------------------------
 # The transformer
@@ -38,12 +38,6 @@ def randomize_(module, seed=0):
         for p in module.parameters():
             p.copy_(torch.randn(p.shape, generator=g) * (0.3 if p.ndim == 1 else p.shape[-1] ** -0.5) + (p.ndim == 1))
     return module
-
-
-def grid_ids(h, w, t=0):
-    """(h * w, 4) ids (t, row, col, 0), row-major, as the klein pipeline builds them."""
-    r, c = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
-    return torch.stack([torch.full_like(r, t), r, c, torch.zeros_like(r)], -1).flatten(0, 1)
 
 
 def make_inputs(B=2, h=3, w=4, L=7, refs=(), seed=1):
@@ -161,6 +155,7 @@ def make_tiny_tokenizer(folder):
     """Offline stand-in for klein's tokenizer/: a byte-level BPE trained on a few sentences, wrapped as
     transformers' Qwen2Tokenizer with Qwen3's special tokens and chat template, saved to `folder`
     (writes tokenizer.json, tokenizer_config.json, chat_template.jinja). Returns the tokenizer."""
+    from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers, trainers
     from transformers import Qwen2Tokenizer
 
     bpe = Tokenizer(models.BPE())
@@ -238,7 +233,10 @@ def make_tiny_text_encoder_repo(root, hidden_size=32, sharded=False, tie_word_em
 # The VAE
 
 
-def tiny_diffusers_vae(seed: int, **config) -> AutoencoderKLFlux2:
+def tiny_diffusers_vae(seed: int, **config):
+    """A diffusers AutoencoderKLFlux2 with random weights and GroupNorm affines."""
+    from diffusers import AutoencoderKLFlux2
+
     torch.manual_seed(seed)
     vae = AutoencoderKLFlux2(**config).eval()
     with torch.no_grad():
@@ -264,6 +262,8 @@ HIDDEN = 32  # tiny Qwen3: prompt embeddings are 3 x 32 = 96 wide
 
 def make_pipeline_folder(root, distilled):
     """A klein repository folder written by diffusers' own save_pretrained."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline, Flux2Transformer2DModel
+
     tokenizer, text_encoder = make_tiny_text_encoder_repo(root, hidden_size=HIDDEN)
     vae = tiny_diffusers_vae(0, block_out_channels=(32, 32, 64, 64), layers_per_block=1, latent_channels=4, norm_num_groups=8)
     torch.manual_seed(0)
@@ -326,6 +326,8 @@ def make_training_repo(root):
     """A tiny klein repository folder (transformer, vae, text_encoder, tokenizer, each saved by
     diffusers/transformers) and a manifest; the cache of that manifest made with our VAE and text
     encoder. Returns (manifest, cache folder)."""
+    from diffusers import AutoencoderKLFlux2, Flux2Transformer2DModel
+
     from data import cache_dataset
     from text_encoder import TextEncoder
     from vae import AutoEncoder
@@ -360,3 +362,39 @@ def bfl_fp8_file(ours, path, per_row=True):
             sd[k] = v.bfloat16()
     save_file({"model.diffusion_model." + k: v.contiguous() for k, v in sd.items()}, str(path))
     return sd
+
+
+def main(argv=None):
+    from files import ArgumentParser, check_writable_folder, fail
+
+    p = ArgumentParser(description=__doc__)
+    p.add_argument("folder", help="the klein repository folder to write (created; its parent must exist)")
+    p.add_argument("--base", action="store_true", help="a base checkpoint (50 steps, CFG 4) instead of a distilled one")
+    p.add_argument("--photo", default=None, metavar="OUT.png", help="also write scikit-image's astronaut photograph here")
+    args = p.parse_args(argv)
+    try:
+        check_writable_folder(args.folder, "folder")
+        if os.path.exists(args.folder) and os.listdir(args.folder):
+            raise ValueError(f"folder {args.folder} is not empty")
+        if args.photo is not None:
+            from files import check_writable, image_format
+
+            image_format(args.photo)
+            check_writable(args.photo, "--photo")
+    except (OSError, ValueError) as e:
+        fail(e)
+    from pathlib import Path
+
+    make_pipeline_folder(Path(args.folder), distilled=not args.base)
+    print(f"wrote {args.folder}")
+    if args.photo is not None:
+        import skimage.data
+
+        from files import write_atomic
+
+        write_atomic(args.photo, Image.fromarray(skimage.data.astronaut()))
+        print(f"wrote {args.photo}")
+
+
+if __name__ == "__main__":
+    main()
