@@ -129,7 +129,10 @@ def check_common(args, sparse, attention=False):
         device, dtype = sampling_device(args.device, args.dtype)
     except ValueError as e:
         raise ValueError(f"--{e}" if str(e).startswith("dtype ") else str(e)) from None
-    load_references(args.ref)  # every reference exists, is an image and has a usable size
+    try:
+        load_references(args.ref)  # every reference exists, is an image and has a usable size
+    except (OSError, ValueError) as e:
+        raise ValueError(f"--ref: {e}") from None
     folder = resolve_source(args.model)
     is_distilled(folder)
     cfg = load_checkpoint(getattr(args, "transformer", None) or folder)[0]  # the config, checked; weights memory-mapped, unread
