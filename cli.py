@@ -169,7 +169,7 @@ def check_rescore_step(step, steps):
 def warn_slow_dtype(device, dtype):
     if device.type == "cpu" and dtype != torch.float32:
         print(f"warning: {str(dtype).removeprefix('torch.')} on a CPU is many times slower than fp32 (the VAE about "
-              "20x); use --dtype fp32 unless memory is short", file=sys.stderr)  # fmt: skip
+              "100x); use --dtype fp32 unless memory is short", file=sys.stderr)  # fmt: skip
 
 
 def compiled(model):
