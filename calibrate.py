@@ -214,7 +214,7 @@ def calibrate_selector(model, prompt, refs, seed=0, steps=None, size=None, kv_ca
     seeds = [seed] if isinstance(seed, numbers.Integral) else list(seed)
     images = load_references(refs)
     if not images:
-        raise ValueError("the calibration needs reference images (--ref): their tokens are what it ranks")
+        raise ValueError("the calibration needs reference images: their tokens are what it ranks")
     klein = model if isinstance(model, Klein) else Klein(model)
     device, dtype = sampling_device(device, dtype)
     folder = resolve_source(klein.folder)

@@ -125,10 +125,7 @@ def check_common(args, sparse, attention=False):
         raise ValueError(f"{', '.join(given)} cannot apply without the attention selector and a keep below 1")
     if calibration is not None and (args.attention_queries is not None or args.attention_block is not None):
         raise ValueError("--attention-calibration sets the block and queries: give it or --attention-block/--attention-queries, not both")
-    try:
-        device, dtype = sampling_device(args.device, args.dtype)
-    except ValueError as e:
-        raise ValueError(f"--{e}" if str(e).startswith("dtype ") else str(e)) from None
+    device, dtype = sampling_device(args.device, args.dtype)  # its errors name "device"/"dtype": fail() adds the --
     try:
         load_references(args.ref)  # every reference exists, is an image and has a usable size
     except (OSError, ValueError) as e:

@@ -14,7 +14,6 @@ import math
 import numbers
 import os
 import re
-import signal
 import stat
 import sys
 import tempfile
@@ -249,13 +248,11 @@ def write_atomic(path, content, metadata=None):
     try:
         write(tmp)
         os.chmod(tmp, 0o666 & ~umask())
-        fault_point("written")
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
-    fault_point("renamed")
 
 
 STALE_TEMP = re.compile(r"\..+\.[a-z0-9_]{8}\.tmp")  # write_atomic's temporary names
@@ -269,20 +266,6 @@ def remove_stale_temps(folder):
                 os.remove(os.path.join(folder, name))
 
 
-_fault_hits = {}
-
-
-def fault_point(stage):
-    """The one fault-injection hook, for the tests: SPARSE_CONTEXT_KILL_AT=STAGE:N SIGKILLs this process
-    the N-th time it reaches STAGE (written: a temporary file is complete; renamed: it replaced its
-    target; appended: a log line). Unset, it does nothing."""
-    at = os.environ.get("SPARSE_CONTEXT_KILL_AT", "")
-    if at.rpartition(":")[0] == stage:
-        _fault_hits[stage] = _fault_hits.get(stage, 0) + 1
-        if _fault_hits[stage] == int(at.rpartition(":")[2]):
-            os.kill(os.getpid(), signal.SIGKILL)
-
-
 # ----------------------------------------------------------------------------------------------
 # Devices and command lines
 
@@ -294,25 +277,25 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16,
 
 def resolve_device(device=None, dtype=None):
     """(torch.device, dtype) with the defaults: cuda and bf16 when there is a GPU, else cpu and fp32.
-    dtype may be a torch dtype or a --dtype name. A device this machine lacks is one ValueError."""
+    dtype may be a torch dtype or one of DTYPES' names. A device this machine lacks is one ValueError."""
     name = device
     if isinstance(dtype, str):
         if dtype not in DTYPES:
-            raise ValueError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
+            raise ValueError(f"dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
         dtype = DTYPES[dtype]
     try:
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     except (RuntimeError, TypeError):
-        raise ValueError(f"--device {name!r} is not a device; use cpu, cuda or cuda:N") from None
+        raise ValueError(f"device {name!r} is not a device; use cpu, cuda or cuda:N") from None
     if device.type == "mps":  # refused here, not by a traceback deep in the first forward
-        raise ValueError(f"--device {name}: not supported (klein's RoPE tables are float64, which MPS lacks); use cpu or cuda")
+        raise ValueError(f"device {name}: not supported (klein's RoPE tables are float64, which MPS lacks); use cpu or cuda")
     available = {"cpu": True, "cuda": torch.cuda.is_available()}
     if device.type not in available:
-        raise ValueError(f"--device {name}: not supported; use cpu, cuda or cuda:N")
+        raise ValueError(f"device {name}: not supported; use cpu, cuda or cuda:N")
     if not available[device.type]:
-        raise ValueError(f"--device {name}: no {device.type.upper()} device here (torch {torch.__version__}); use --device cpu")
+        raise ValueError(f"device {name}: no {device.type.upper()} device here (torch {torch.__version__}); use cpu")
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise ValueError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) here")
+        raise ValueError(f"device {name}: only {torch.cuda.device_count()} CUDA device(s) here")
     return device, dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
 
 
@@ -354,7 +337,11 @@ class ArgumentParser(argparse.ArgumentParser):
         self.exit(1, f"error: {message} (see --help)\n")
 
 
-def fail(e):
-    """A checked error, as the one `error:` line a script ends with (exit status 1)."""
-    print(f"error: {e}", file=sys.stderr)
+def fail(e, options=("device", "dtype")):
+    """A checked error, as the one `error:` line a script ends with (exit status 1). A library error
+    about one of `options` (resolve_device's "device ...", "dtype ...") names the option: --device."""
+    message = str(e)
+    if message.split(" ", 1)[0] in options:
+        message = "--" + message
+    print(f"error: {message}", file=sys.stderr)
     sys.exit(1)
