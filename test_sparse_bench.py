@@ -1,4 +1,5 @@
-"""bench.py: the smoke run reports every point; the FLOP ideal counts exactly the work done."""
+"""bench.py and its sections (bench_measure, bench_per_image, bench_attention): the smoke run reports
+every point; the FLOP ideal counts exactly the work done."""
 
 import os
 import subprocess
@@ -10,8 +11,13 @@ import torch.nn as nn
 import pytest
 
 import bench
+import bench_attention
+import bench_measure
+import bench_per_image
 import lora
-from bench import HEADER, KEEPS, PER_IMAGE, PER_IMAGE_HEADING, REFS, bench_config, forward_flops, loop_flops
+from bench import HEADER, KEEPS, REFS
+from bench_measure import bench_config, forward_flops, loop_flops
+from bench_per_image import PER_IMAGE, PER_IMAGE_HEADING
 from model import Flux2, Flux2Config
 from klein import n_keep
 
@@ -102,9 +108,9 @@ def test_quick_per_image_section_replaces_its_own(tmp_path):
 def test_end_to_end_per_image_times_every_run(monkeypatch):
     """The end-to-end part of --per-image (tiny pipeline from disk: ours dense, ours keep 0.1 + KV,
     diffusers' KV pipeline) times every N it is given, each round logged."""
-    monkeypatch.setattr(bench, "PER_IMAGE", {1: (1, 1), 2: (1, 2)})
+    monkeypatch.setattr(bench_per_image, "PER_IMAGE", {1: (1, 1), 2: (1, 2)})
     logged = []
-    rows = bench.end_to_end_per_image(2, logged.append)
+    rows = bench_per_image.end_to_end_per_image(2, logged.append)
     assert [(r["n"], r["prompts"], r["seeds"]) for r in rows] == [(1, 1, 1), (2, 1, 2)]
     for r in rows:
         assert all(0 < r[w] < 60 for w in ("dense", "sparse_kv", "diffusers_kv")), r
@@ -143,7 +149,7 @@ def test_memory_plan_equals_measured_peak(kv_pattern):
     cases = [dict(kv=True)] if not kv_pattern else [dict(train=True, kv=True), dict(train=True, kv=True, checkpointing=True)]
     for kw in cases + ([dict(train=True), dict(train=True, checkpointing=True)] if not kv_pattern else []):
         planned = activation_peak(cfg, 8, 64, 96, rank=4, dtype=torch.float32, **kw)
-        measured = bench.peak_bytes(activation_peak(cfg, 8, 64, 96, rank=4, device="cpu", dtype=torch.float32, **kw), torch.device("cpu"))
+        measured = bench_measure.peak_bytes(activation_peak(cfg, 8, 64, 96, rank=4, device="cpu", dtype=torch.float32, **kw), torch.device("cpu"))
         assert abs(planned - measured) <= 0.2 * measured, (kw, planned, measured)
 
 
@@ -180,6 +186,6 @@ def test_attention_cost_quick_writes_its_section(tmp_path):
     md.write_text("# Sparse Context benchmark\n\n## Another section\n\nkept\n")
     bench.main(["--attention-cost", "--quick", "--out-md", str(md)])
     text = md.read_text()
-    assert "## Another section\n\nkept" in text and text.count(bench.ATTENTION_HEADING) == 1
+    assert "## Another section\n\nkept" in text and text.count(bench_attention.ATTENTION_HEADING) == 1
     rows = [line for line in text.splitlines() if line.startswith("| scoring") or line.startswith("| speedup")]
     assert len(rows) == 4 and all(float(r.split("|")[3].strip().rstrip("x")) > 0 for r in rows)
