@@ -175,6 +175,8 @@ def cache_dataset(manifest, vae, text_encoder, out_dir, max_area=1024 * 1024, sk
     """
     check_out_dir(out_dir)
     examples = read_manifest(manifest, skip_bad)
+    with open(manifest, encoding="utf-8") as f:  # every other non-blank line was bad, and skipped
+        bad_lines = sum(1 for text in f if text.strip()) - len(examples)
     for folder in (out_dir, os.path.join(out_dir, "latents"), os.path.join(out_dir, "text")):
         remove_stale_temps(folder)
     index, skipped, encoded, prompts = [], 0, 0, set()
@@ -212,7 +214,8 @@ def cache_dataset(manifest, vae, text_encoder, out_dir, max_area=1024 * 1024, sk
     write_atomic(os.path.join(out_dir, "index.json"), json.dumps(index, indent=1))
     if progress:
         print(f"cached {len(index)} examples in {out_dir}: {encoded} encoded, {len(index) - encoded} already cached, "
-              f"{skipped} skipped; {len(prompts)} distinct prompts")
+              f"{bad_lines + skipped} skipped ({bad_lines} bad manifest lines, {skipped} whose images failed to load); "
+              f"{len(prompts)} distinct prompts")
     return CachedDataset(out_dir)
 
 
