@@ -4,8 +4,9 @@
   and leaves no new file. The CLIs' main(argv) run in this process (a subprocess pays seconds of imports
   per case); a few true subprocesses check what only a real process shows (tracebacks, FIFOs, WORLD_SIZE).
 - Kills: train.py and data.py are SIGKILLed at every write point (a temporary file complete, renamed into
-  place, a log line appended; files.fault_point) and at random instants, in forked children; running the
-  same command again (train.py with --resume) must end with the same files as an uninterrupted run.
+  place, a log line appended; `arm` wraps the writers in the child) and at random instants, in forked
+  children; running the same command again (train.py with --resume) must end with the same files as an
+  uninterrupted run.
 """
 
 import contextlib
@@ -27,7 +28,7 @@ from safetensors.torch import load_file, save_file
 import data
 import token_selectors
 import train
-from files import write_atomic
+from files import STALE_TEMP, write_atomic
 from tiny import write_dataset
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -485,15 +486,47 @@ def test_outputs_respect_umask(tmp_path):
 # Kills
 
 
+def arm(kill_at):
+    """In a forked child: SIGKILL it the N-th time it reaches STAGE (kill_at "STAGE:N"): written (a temporary
+    file of files.write_atomic is complete, not yet renamed), renamed (it replaced its target), appended
+    (train.py appended a log line, train_run.append_log). The child's writers are wrapped from here: the
+    product code has no hook."""
+    stage, n = kill_at.rsplit(":", 1)
+    hits = 0
+
+    def reached(point):
+        nonlocal hits
+        if point == stage:
+            hits += 1
+            if hits == int(n):
+                os.kill(os.getpid(), signal.SIGKILL)
+
+    replace, append_log = os.replace, train.append_log
+
+    def atomic_replace(src, dst, *args, **kwargs):  # write_atomic's rename: its temporary over the target
+        temporary = STALE_TEMP.fullmatch(os.path.basename(src)) is not None
+        if temporary:
+            reached("written")
+        replace(src, dst, *args, **kwargs)
+        if temporary:
+            reached("renamed")
+
+    def append(*args, **kwargs):
+        append_log(*args, **kwargs)
+        reached("appended")
+
+    os.replace, train.append_log = atomic_replace, append
+
+
 def forked(fn, log, kill_at=None, kill_after=None):
     """Run fn() in a forked child (torch is imported already: no start-up cost): its exit status, -9 when
-    SIGKILLed. kill_at arms files.fault_point; kill_after (seconds) kills it from outside."""
+    SIGKILLed. kill_at arms the child's writers (arm); kill_after (seconds) kills it from outside."""
     pid = os.fork()
     if pid == 0:  # the child: never returns into pytest
         code = 3
         try:
             if kill_at:
-                os.environ["SPARSE_CONTEXT_KILL_AT"] = kill_at
+                arm(kill_at)
             with open(log, "a") as f, contextlib.redirect_stderr(f), contextlib.redirect_stdout(f):
                 try:
                     fn()

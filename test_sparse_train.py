@@ -21,8 +21,10 @@ import lora
 import train
 from data import CachedDataset, ManifestError, cache_dataset, read_manifest
 from files import load_image
-from model import Flux2, config_from_diffusers, diffusers_to_bfl
+from checkpoints import config_from_diffusers, diffusers_to_bfl
+from model import Flux2
 from klein import prepare_reference, to_tensor
+import quant
 from quant import FORMATS, Linear8, dequantize
 from tiny import TINY, make_inputs, randomize_, write_dataset
 from text_encoder import TextEncoder
@@ -247,7 +249,7 @@ def test_lora_over_an_8bit_base(pair, tmp_path):
     """A LoRA over int8 block Linears: its gradients equal those over the plain model holding the
     dequantized weights; an optimizer step changes the LoRA only (the base stays frozen and int8); a
     loaded LoRA stays unmerged there and equals the one merged into the dequantized weights."""
-    base, deq = Flux2.from_pretrained(str(tmp_path), weights="int8"), deq_model(tmp_path)
+    base, deq = quant.from_pretrained(str(tmp_path), "int8"), deq_model(tmp_path)
     img, img_ids, txt, txt_ids, t, ref, ref_ids = make_inputs(refs=((2, 5),))
     grads = []
     for model in (base, deq):
@@ -272,7 +274,7 @@ def test_lora_over_an_8bit_base(pair, tmp_path):
     assert all(not torch.equal(a, b) for a, b in zip(lora_before, trainable))
 
     sd = bfl_lora(pair[1])
-    eight, plain = Flux2.from_pretrained(str(tmp_path), weights="int8"), deq_model(tmp_path)
+    eight, plain = quant.from_pretrained(str(tmp_path), "int8"), deq_model(tmp_path)
     lora.load_lora(eight, sd, scale=0.7)
     lora.load_lora(plain, sd, scale=0.7)
     mods = lora.lora_modules(eight)
@@ -287,7 +289,7 @@ def test_lora_over_an_8bit_base(pair, tmp_path):
 
 def deq_model(folder):
     """The plain model holding the int8 model's dequantized weights."""
-    eight, model = Flux2.from_pretrained(str(folder), weights="int8"), Flux2.from_pretrained(str(folder))
+    eight, model = quant.from_pretrained(str(folder), "int8"), Flux2.from_pretrained(str(folder))
     with torch.no_grad():
         for n, m in eight.named_modules():
             if isinstance(m, Linear8):
@@ -406,7 +408,7 @@ def test_cli_bad_input(klein, tmp_path, capsys):
     assert e.value.code == f"error: {path} line 2: missing field 'target'"
     with pytest.raises(SystemExit) as e:
         train.main(["--model", str(root), "--data", str(cache), "--out", str(tmp_path / "run"), "--keep-range", ".3", ".1"])
-    assert e.value.code == 2 and "--keep-range needs 0 < LO <= HI <= 1" in capsys.readouterr().err
+    assert e.value.code == 1 and "--keep-range needs 0 < LO <= HI <= 1" in capsys.readouterr().err
     with pytest.raises(SystemExit) as e:
         train.main(["--model", str(tmp_path), "--data", str(cache), "--out", str(tmp_path / "run")])
     assert str(e.value.code).startswith("error: ") and "\n" not in str(e.value.code)
@@ -611,7 +613,7 @@ def test_cli_summaries(klein, tmp_path, capsys):
     root, manifest, cache = klein
     data.main([str(manifest), "--model", str(root), "--out", str(tmp_path / "cache")])
     out = capsys.readouterr()
-    assert out.out.strip().splitlines()[-1] == f"cached 7 examples in {tmp_path / 'cache'}: 7 encoded, 0 already cached, 0 skipped; 2 distinct prompts"
+    assert out.out.strip().splitlines()[-1] == f"cached 7 examples in {tmp_path / 'cache'}: 7 encoded, 0 already cached, 0 skipped (0 bad manifest lines, 0 whose images failed to load); 2 distinct prompts"
     data.main([str(manifest), "--model", str(root), "--out", str(tmp_path / "cache")])
     assert "0 encoded, 7 already cached" in capsys.readouterr().out
     train.main(["--model", str(root), "--data", str(cache), "--out", str(tmp_path / "run"), "--steps", "2"])
@@ -626,9 +628,9 @@ def test_cli_trains_over_an_8bit_base(klein, tmp_path, monkeypatch, kind):
     the run; the LoRA it writes loads."""
     root, _, cache = klein
     models = []
-    load = Flux2.from_pretrained.__func__
-    monkeypatch.setattr(Flux2, "from_pretrained", classmethod(lambda cls, *a, **k: models.append(load(cls, *a, **k)) or models[-1]))
-    fresh = Flux2.from_pretrained(str(root), weights=kind)
+    load = quant.from_pretrained
+    monkeypatch.setattr(quant, "from_pretrained", lambda *a, **k: models.append(load(*a, **k)) or models[-1])
+    fresh = quant.from_pretrained(str(root), kind)
     train.main(run_args(root, cache, tmp_path / "run", "--steps", "2", "--weights", kind))
     trained = models[-1]
     eight = {n: m for n, m in trained.named_modules() if getattr(m, "weight_scale", None) is not None}
@@ -637,4 +639,4 @@ def test_cli_trains_over_an_8bit_base(klein, tmp_path, monkeypatch, kind):
     before = fresh.state_dict()
     for n, m in eight.items():
         assert m.weight.dtype == FORMATS[kind][0] and torch.equal(m.weight.view(torch.uint8), before[f"{n}.weight"].view(torch.uint8))
-    assert lora.load_lora(Flux2.from_pretrained(str(root), weights=kind), str(tmp_path / "run"))
+    assert lora.load_lora(quant.from_pretrained(str(root), kind), str(tmp_path / "run"))

@@ -13,6 +13,10 @@ written first and is the truth (it records the LoRA file's hash: --resume rewrit
 left behind); --resume drops the log lines after the checkpoint's step, and a line a kill cut short.
 The first non-finite loss or gradient stops the run with an error naming the step, before the update.
 
+This file reads top to bottom: the keyed draws and the training example, the loss, the step and the
+loop (`train`), the command line. train_run.py holds the run management the loop calls: torchrun's
+processes, the checks of --out and the checkpoint, saving and resuming.
+
 One step takes a global batch of G = batch_size x grad_accum x processes examples:
   - step n draws from a generator seeded by (seed, n, "keep") whether its examples keep every
     reference token (probability keep_all_prob: never seeing dense references costs dense quality),
@@ -46,11 +50,7 @@ shapes and buckets the kept counts instead: pipeline.generate).
 """
 
 import argparse
-import datetime
-import gc
 import hashlib
-import io
-import json
 import math
 import os
 import sys
@@ -60,21 +60,25 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import lora
-from data import CachedDataset, check_max_area, check_out_dir, encode_manifest, read_manifest
-from files import STALE_TEMP, ArgumentParser, check_file, fault_point, field, remove_stale_temps, write_atomic
-from model import Flux2, load_checkpoint
+import quant
+from data import check_max_area
+from files import ArgumentParser
 from klein import empirical_mu, grid_ids, n_keep, pack, text_ids
-from quant import FORMATS
+from model import Flux2
+from train_run import (
+    DIST_TIMEOUT_MINUTES,
+    LORA_FILE,
+    MAX_OPTIMIZER_STEPS,
+    NonFiniteError,
+    append_log,
+    check_run,
+    open_data,
+    resume,
+    run_processes,
+    save,
+)
 
 MU_STEPS = 50  # the step count whose schedule shift training follows (base klein's default)
-CHECKPOINT, LORA_FILE, LOG = "checkpoint.pt", "pytorch_lora_weights.safetensors", "log.jsonl"
-MAX_OPTIMIZER_STEPS = 10**8  # bounds --steps, --warmup and --save-every
-DIST_TIMEOUT_MINUTES = 240  # caching a large manifest on process 0 takes hours; NCCL's default is 10 minutes
-# what defines a run: --resume refuses to change these (the number of processes may change)
-RUN = (
-    "rank", "alpha", "targets", "lr", "weight_decay", "warmup", "max_grad_norm", "keep_range", "keep_all_prob", "kv", "seed",
-    "weights",
-)  # fmt: skip
 
 
 def generator(*key):
@@ -162,315 +166,112 @@ def epoch_batches(buckets, size, seed, epoch):
 
 
 # ----------------------------------------------------------------------------------------------
-# Checks: everything is read and validated before any model loads
+# The step and the loop
 
 
-class NonFiniteError(ValueError):
-    pass
-
-
-def init_distributed(timeout_minutes=DIST_TIMEOUT_MINUTES):
-    """(rank, world size, device). torchrun sets WORLD_SIZE, RANK, LOCAL_RANK and MASTER_ADDR; NCCL on
-    GPUs, gloo on CPUs."""
-    env = {k: os.environ.get(k) for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    cuda = torch.cuda.is_available()
-    world = env["WORLD_SIZE"] or "1"
-    if not world.isdigit() or int(world) < 1:
-        raise ValueError(f"WORLD_SIZE={world!r} must be a positive integer")
-    if int(world) == 1:
-        return 0, 1, torch.device("cuda" if cuda else "cpu")
-    unset = [k for k, v in env.items() if not (v or "").strip()]
-    if unset or not env["LOCAL_RANK"].isdigit():
-        raise ValueError(f"WORLD_SIZE={world} without {', '.join(unset) or 'a valid LOCAL_RANK'}: "
-                         f"start the processes with torchrun --nproc_per_node {world} train.py ...")
-    local = int(env["LOCAL_RANK"])
-    if cuda:
-        torch.cuda.set_device(local)
-    # the timeout bounds every collective, the barrier while process 0 caches a manifest included
-    dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(minutes=timeout_minutes))
-    return dist.get_rank(), dist.get_world_size(), torch.device("cuda", local) if cuda else torch.device("cpu")
-
-
-def read_checkpoint(path):
-    """checkpoint.pt as plain tensors and numbers (weights_only: loading runs no code), its structure
-    checked; one error naming the file (and field) whatever is wrong with it."""
-    check_file(path, "checkpoint")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise ValueError(f"cannot read checkpoint {path} (damaged, or not written by train.py): {reason}") from None
-    if not isinstance(state, dict):
-        raise ValueError(f"checkpoint {path} must hold a dict, got {type(state).__name__}")
-    if field(state, "step", path) > MAX_OPTIMIZER_STEPS:
-        raise ValueError(f"{path}: field 'step' is {state['step']}, above {MAX_OPTIMIZER_STEPS}")
-    for name in ("run", "lora", "optimizer"):
-        field(state, name, path, dict)
-    field(state, "lora_file_sha256", path, str)
-    return state
-
-
-def check_checkpoint(state, path, run, shapes):
-    """A checkpoint fits this run: the same settings, a finite LoRA of the shapes `shapes` ({name: shape},
-    in parameter order), AdamW state for those parameters. Non-finite values are refused: resuming
-    them would only train NaN further."""
-    changed = [f"{k} {state['run'].get(k)} -> {v}" for k, v in run.items() if state["run"].get(k) != v]
-    if changed:
-        raise ValueError(f"--resume with settings that differ from the checkpoint's: {', '.join(changed)}")
-    got = {k: tuple(v.shape) if isinstance(v, torch.Tensor) else None for k, v in state["lora"].items()}
-    if got != {k: tuple(s) for k, s in shapes.items()}:
-        wrong = sorted(set(got) ^ set(shapes) | {k for k in got if k in shapes and got[k] != tuple(shapes[k])})
-        raise ValueError(f"{path}: field 'lora' does not fit the model and LoRA settings ({len(wrong)} tensors, e.g. {wrong[0]})")
-    opt = state["optimizer"]
-    groups, per_param = opt.get("param_groups"), opt.get("state")
-    sizes = list(shapes.values())
-    ok = isinstance(groups, list) and len(groups) == 1 and isinstance(groups[0], dict)
-    ok = ok and groups[0].get("params") == list(range(len(sizes))) and isinstance(per_param, dict)
-    ok = ok and all(
-        i in range(len(sizes)) and isinstance(s, dict) and set(s) == {"step", "exp_avg", "exp_avg_sq"}
-        and all(isinstance(s[k], torch.Tensor) for k in s) and s["step"].numel() == 1
-        and tuple(s["exp_avg"].shape) == tuple(s["exp_avg_sq"].shape) == tuple(sizes[i])
-        for i, s in per_param.items()
-    )  # fmt: skip
-    if not ok:
-        raise ValueError(f"{path}: field 'optimizer' is not AdamW state for this LoRA")
-    tensors = list(state["lora"].values()) + [t for s in per_param.values() for t in s.values()]
-    if not all(t.is_floating_point() and torch.isfinite(t).all() for t in tensors):
-        raise NonFiniteError(f"{path} holds non-finite or non-float values: it cannot be resumed")
-
-
-def lora_is_current(path, state):
-    """Whether the LoRA file is the one the checkpoint implies (a kill between the two leaves the old one)."""
-    try:
-        with open(check_file(path, "LoRA file"), "rb") as f:
-            return hashlib.sha256(f.read()).hexdigest() == state["lora_file_sha256"]
-    except (OSError, ValueError):
-        return False
-
-
-def check_out(args):
-    """The checkpoint state to resume from, or None to start at step 0, from what --out holds."""
-    check_out_dir(args.out)
-    checkpoint = os.path.join(args.out, CHECKPOINT)
-    if os.path.lexists(checkpoint):
-        if not args.resume:
-            raise ValueError(f"{args.out} already holds a run: pass --resume to continue it, or choose another --out")
-        return read_checkpoint(checkpoint)
-    held = sorted(n for n in (os.listdir(args.out) if os.path.isdir(args.out) else []) if not STALE_TEMP.fullmatch(n))
-    if args.resume and os.path.isdir(args.out) and set(held) <= {LOG, "cache"}:
-        print(f"{args.out} has no {CHECKPOINT} yet (the run stopped before its first save): starting at step 0", file=sys.stderr)
-        return None
-    if args.resume:
-        raise FileNotFoundError(f"--resume: no {CHECKPOINT} in {args.out}")
-    if set(held) - {"cache"}:  # OUT/cache alone: a manifest caching that was interrupted, resumable
-        raise ValueError(f"--out {args.out} holds {', '.join(held)} but no {CHECKPOINT}: choose an empty or new folder "
-                         f"(or pass --resume if a run of this command was interrupted before its first save)")
-    return None
-
-
-def open_data(args, rank, world, device):
-    """The training examples: a cache folder as it is; a manifest cached into OUT/cache first, by process
-    0 while the others wait."""
-    if os.path.isdir(args.data):
-        return CachedDataset(args.data)
-    read_manifest(args.data, args.skip_bad)  # every line checked, on every process, before any model loads
-    cache = os.path.join(args.out, "cache")
-    problem = None
-    if rank == 0:
-        try:
-            encode_manifest(args.data, args.model, cache, args.max_area, args.skip_bad, device)
-        except (ValueError, OSError) as e:
-            problem = str(e)
-        gc.collect()  # the encoders are gone: free their memory before the transformer loads
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-    if world > 1:  # the others wait for process 0, and learn whether it succeeded
-        message = [problem]
-        dist.broadcast_object_list(message, src=0)
-        problem = message[0]
-    if problem is not None:
-        raise ValueError(problem)
-    return CachedDataset(cache)
-
-
-def read_log(path, last_step):
-    """The lines of log.jsonl up to last_step: a resumed run drops what came after its checkpoint, and
-    a line a kill cut short."""
-    if not os.path.exists(path):
-        return []
-    check_file(path, "log")
-    kept = []
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for line in f:
-            try:
-                step = json.loads(line)["step"]
-            except (ValueError, TypeError, KeyError):
-                continue
-            if isinstance(step, int) and step <= last_step and line.endswith("\n"):
-                kept.append(line)
-    return kept
-
-
-# ----------------------------------------------------------------------------------------------
-# Running
-
-
-def save(out, model, opt, step, run):
-    """The checkpoint (LoRA, optimizer, step, settings), then the LoRA file. The checkpoint is the truth and
-    records the LoRA file's hash, so --resume sees whether a kill left an older LoRA file behind.
-    No RNG state: every draw is keyed by (seed, step, example), so the step is all a resumed run needs
-    to repeat the uninterrupted one."""
-    blob = lora.lora_file(model)
-    lora_params = {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad}
-    state = dict(step=step, run=run, lora=lora_params, optimizer=opt.state_dict(), lora_file_sha256=hashlib.sha256(blob).hexdigest())
-    buffer = io.BytesIO()  # a file object: the archive inside is named the same every time
-    torch.save(state, buffer)
-    write_atomic(os.path.join(out, CHECKPOINT), buffer.getvalue())
-    write_atomic(os.path.join(out, LORA_FILE), blob)
-
-
-def restore(state, model, opt):
-    """Load a checked checkpoint's LoRA and optimizer state; returns its step."""
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if p.requires_grad:
-                p.copy_(state["lora"][n])
-    opt.load_state_dict(state["optimizer"])
-    return state["step"]
-
-
-def train(args):
-    rank, world, device = init_distributed(args.dist_timeout)
-    try:
-        run_training(args, rank, world, device)
-    except BaseException as e:
-        if world > 1:  # the others would wait in their next collective: exit, and torchrun stops them all
-            print(f"error: process {rank}: {e}" if isinstance(e, (ValueError, OSError)) else f"process {rank} failed: {e!r}",
-                  file=sys.stderr, flush=True)  # fmt: skip
-            os._exit(1)
-        raise
-    if world > 1:
-        dist.destroy_process_group()
-
-
-def run_training(args, rank, world, device):
-    out = args.out
-    checkpoint, lora_path, log_path = (os.path.join(out, n) for n in (CHECKPOINT, LORA_FILE, LOG))
-    state = check_out(args)
-    first_on_node = os.environ.get("LOCAL_RANK", "0") == "0"
-    if world > 1 and not first_on_node:  # one download per node: process 0 of each node fetches a hub id first
-        dist.barrier()
-    cfg, _ = load_checkpoint(args.model)  # the transformer's config, checked; weights memory-mapped, unread
-    if world > 1 and first_on_node:
-        dist.barrier()
-    with torch.device("meta"):  # the LoRA layout, without weights: checks --targets and the checkpoint
-        probe = Flux2(cfg).requires_grad_(False)
-    lora.inject(probe, args.targets, args.rank, args.alpha, args.seed)
-    shapes = {n: p.shape for n, p in probe.named_parameters() if p.requires_grad}
-    del probe
-
-    G = args.batch_size * args.grad_accum * world
-    run = {k: getattr(args, k) for k in RUN} | dict(targets=list(args.targets), keep_range=list(args.keep_range))
-    run["global_batch"] = G
-    start = 0
-    if state is not None:
-        check_checkpoint(state, checkpoint, run, shapes)
-        start = state["step"]
-        if args.steps < start:
-            raise ValueError(f"--steps {args.steps}: the run in {out} is already at step {start}; "
-                             f"pass --steps {start} or more")
-        if args.steps == start and lora_is_current(lora_path, state):  # a requeued job that had finished
-            if rank == 0:
-                print(f"the run in {out} is already at step {start} (--steps): nothing to do; its LoRA: {lora_path}")
-            return
-    if world > 1:  # every process has looked at --out before process 0 writes anything
-        dist.barrier()
-    data = open_data(args, rank, world, device)
-    if (data.channels, data.text_dim) != (cfg.in_channels, cfg.context_dim):
-        raise ValueError(f"the cache does not fit the model: latents of {data.channels} channels and text of {data.text_dim} "
-                         f"(the transformer takes {cfg.in_channels} and {cfg.context_dim})")
-
+def lora_model(args, device):
+    """The frozen transformer (bf16 on a GPU, float32 on the CPU; 8-bit block Linears with --weights) with
+    a float32 LoRA injected, the LoRA parameters, and AdamW over them."""
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # bf16 weights, float32 LoRA, autocast
-    model = Flux2.from_pretrained(args.model, dtype=dtype, device=device, weights=args.weights)
+    if args.weights is None:
+        model = Flux2.from_pretrained(args.model, dtype=dtype, device=device)
+    else:
+        model = quant.from_pretrained(args.model, args.weights, dtype=dtype, device=device)
     model.requires_grad_(False)
     lora.inject(model, args.targets, args.rank, args.alpha, args.seed)
     model.gradient_checkpointing = args.gradient_checkpointing
     params = [p for p in model.parameters() if p.requires_grad]
     for p in params:  # zeros, not None: a process without examples in a step still sums its share
         p.grad = torch.zeros_like(p)
-    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
-    stale = state is not None and not lora_is_current(lora_path, state)
-    if state is not None:
-        restore(state, model, opt)
+    return model, params, torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+
+
+def step_examples(data, batch, step, rank, world, args):
+    """This process's share of a global batch (indices into data), as training examples of step `step`."""
+    mine = batch[rank::world]
+    items = [data[i] for i in mine]
+    keeps = [keep_fractions(generator(args.seed, step, "keep"), len(item["refs"]), args.keep_range, args.keep_all_prob)
+             for item in items]  # keyed by the step: shared by its examples  # fmt: skip
+    draws = [generator(args.seed, step, i) for i in mine]  # keyed by the example, not by the process
+    return [training_example(item, g, k) for item, g, k in zip(items, draws, keeps)]
+
+
+def gradient(model, params, examples, n, args, world, device):
+    """The gradient of the mean loss over a global batch of n examples (this process holds `examples`)
+    into the params' zeroed .grad, clipped to --max-grad-norm: (mean loss, gradient norm before clipping)."""
+    loss_sum = torch.zeros(1, device=device)
+    for group in forward_groups(examples, args.batch_size):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            losses = flow_matching_loss(model, group, args.kv, device)
+        (losses.sum() / n).backward()
+        loss_sum += losses.detach().sum()
+    if world > 1:  # sum the shares of all processes: the gradient of the mean over the n examples
+        flat = torch.cat([p.grad.flatten() for p in params] + [loss_sum])
+        dist.all_reduce(flat)
+        for p, g in zip(params, flat[:-1].split([p.numel() for p in params])):
+            p.grad.copy_(g.view_as(p))
+        loss_sum = flat[-1:]
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
+    return loss_sum.item() / n, grad_norm.item()
+
+
+def train(args, rank, world, device):
+    """The run, in process `rank` of `world` (train_run.run_processes): check, load, resume, then step to
+    --steps; process 0 logs every step and saves every --save-every."""
+    checked = check_run(args, rank, world)  # --out, --model, LoRA layout, checkpoint: before any model loads
+    if checked is None:
+        return
+    cfg, run, state = checked
+    data = open_data(args, rank, world, device)
+    if (data.channels, data.text_dim) != (cfg.in_channels, cfg.context_dim):
+        raise ValueError(f"the cache does not fit the model: latents of {data.channels} channels and text of {data.text_dim} "
+                         f"(the transformer takes {cfg.in_channels} and {cfg.context_dim})")
+    model, params, opt = lora_model(args, device)
+    start = resume(args.out, state, model, opt, rank)
     del state
     if args.compile:  # every step changes the shapes (target grid, kept count, group size): one graph for all
         model.compile(fullgraph=True, dynamic=True)
-
-    if rank == 0:
-        remove_stale_temps(out)
-        if stale:  # a kill between checkpoint and LoRA file: finish that save
-            lora.save_lora(model, lora_path)
-        if os.path.exists(log_path):  # drop the lines after the checkpoint (all of them, starting over)
-            lines = read_log(log_path, start)
-            write_atomic(log_path, "".join(lines))
+    lora_path = os.path.join(args.out, LORA_FILE)
     if start == args.steps:
         if rank == 0:
             print(f"the run had reached step {start}; restored its LoRA: {lora_path}")
         return
 
+    G = run["global_batch"]
     buckets = data.buckets()
     per_epoch = len(epoch_batches(buckets, G, args.seed, 0))
-    epoch, batches = None, None
-    saved = start
+    epoch, batches, saved = None, None, start
     bar = tqdm(range(start, args.steps), initial=start, total=args.steps, disable=rank != 0, desc="training")
     for step in bar:
         if step // per_epoch != epoch:
             epoch = step // per_epoch
             batches = epoch_batches(buckets, G, args.seed, epoch)
         batch = batches[step % per_epoch]
-        mine = batch[rank::world]
-        items = [data[i] for i in mine]
-        keeps = [keep_fractions(generator(args.seed, step, "keep"), len(item["refs"]), args.keep_range, args.keep_all_prob)
-                 for item in items]  # keyed by the step: shared by its examples  # fmt: skip
-        draws = [generator(args.seed, step, i) for i in mine]  # keyed by the example, not by the process
-        examples = [training_example(item, g, k) for item, g, k in zip(items, draws, keeps)]
-
+        examples = step_examples(data, batch, step, rank, world, args)
         opt.zero_grad(set_to_none=False)
-        loss_sum = torch.zeros(1, device=device)
-        for group in forward_groups(examples, args.batch_size):
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                losses = flow_matching_loss(model, group, args.kv, device)
-            (losses.sum() / len(batch)).backward()
-            loss_sum += losses.detach().sum()
-        if world > 1:  # sum the shares of all processes: the gradient of the mean over the G examples
-            flat = torch.cat([p.grad.flatten() for p in params] + [loss_sum])
-            dist.all_reduce(flat)
-            for p, g in zip(params, flat[:-1].split([p.numel() for p in params])):
-                p.grad.copy_(g.view_as(p))
-            loss_sum = flat[-1:]
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
-        loss = loss_sum.item() / len(batch)
-        if not (math.isfinite(loss) and math.isfinite(grad_norm.item())):  # every process sees the same sums
-            raise NonFiniteError(f"step {step + 1}: loss {loss}, gradient norm {grad_norm.item()}; stopped before the "
-                                 f"update (lower --lr, or check the data); {out} keeps its last save, step {saved}")
+        loss, grad_norm = gradient(model, params, examples, len(batch), args, world, device)
+        if not (math.isfinite(loss) and math.isfinite(grad_norm)):  # every process sees the same sums
+            raise NonFiniteError(f"step {step + 1}: loss {loss}, gradient norm {grad_norm}; stopped before the update "
+                                 f"(lower --lr, or check the data); {args.out} keeps its last save, step {saved}")
         lr = args.lr * min(1.0, (step + 1) / args.warmup) if args.warmup else args.lr
         for group in opt.param_groups:
             group["lr"] = lr
         opt.step()
         bar.set_postfix(loss=f"{loss:.4f}")
 
-        if rank == 0:  # --out is created by the first step: bad data found in step 1 leaves nothing behind
-            os.makedirs(out, exist_ok=True)
-            with open(log_path, "a") as f:
-                f.write(json.dumps(dict(step=step + 1, loss=loss, lr=lr, grad_norm=grad_norm.item())) + "\n")
-            fault_point("appended")
+        if rank == 0:
+            append_log(args.out, dict(step=step + 1, loss=loss, lr=lr, grad_norm=grad_norm))
             if (step + 1) % args.save_every == 0 or step + 1 == args.steps:
                 if not all(torch.isfinite(p).all() for p in params):
                     raise NonFiniteError(f"step {step + 1}: the LoRA became non-finite; nothing saved (lower --lr)")
-                save(out, model, opt, step + 1, run)
+                save(args.out, model, opt, step + 1, run)
                 saved = step + 1
     if rank == 0:
-        print(f"wrote {lora_path} (step {args.steps}; checkpoint and log.jsonl in {out})")
+        print(f"wrote {lora_path} (step {args.steps}; checkpoint and log.jsonl in {args.out})")
+
+
+# ----------------------------------------------------------------------------------------------
+# The command line
 
 
 def parse_args(argv=None):
@@ -494,7 +295,7 @@ def parse_args(argv=None):
                    help="each reference keeps a fraction ~ U(LO, HI) of its tokens")
     p.add_argument("--keep-all-prob", type=float, default=0.1, help="probability that an example keeps all reference tokens")
     p.add_argument("--kv", action="store_true", help="train in the KV pattern: references at t = 0 attend only to references")
-    p.add_argument("--weights", choices=sorted(FORMATS), default=None,
+    p.add_argument("--weights", choices=sorted(quant.FORMATS), default=None,
                    help="a frozen 8-bit base: the block Linears in fp8 or int8, dequantized per matmul (default: bf16 on GPU)")
     p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=True,
                    help="recompute each block's activations in backward: memory for one block's activations, not all "
@@ -538,7 +339,7 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     try:
-        train(args)
+        run_processes(train, args)
     except (ValueError, OSError) as e:
         sys.exit(f"error: {e}")
 
