@@ -21,7 +21,7 @@ import tempfile
 import torch
 from PIL import Image
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save
 
 # ----------------------------------------------------------------------------------------------
 # Checkpoints: local files and folders, or hub repositories
@@ -228,11 +228,11 @@ def write_atomic(path, content, metadata=None):
     The file gets the mode any new file gets (0666 less the umask; mkstemp would leave 0600). A kill
     leaves at most a stale `.NAME.*.tmp`, which remove_stale_temps deletes.
     """
+    if isinstance(content, dict):  # serialized here: safetensors' save_file renames a temporary file of its own
+        content = save(content, metadata=metadata)
     if isinstance(content, Image.Image):
         fmt = image_format(path)
         write = lambda tmp: content.save(tmp, format=fmt)  # noqa: E731
-    elif isinstance(content, dict):
-        write = lambda tmp: save_file(content, tmp, metadata=metadata)  # noqa: E731
     elif isinstance(content, (bytes, str)):
         mode, encoding = ("wb", None) if isinstance(content, bytes) else ("w", "utf-8")
 
