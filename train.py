@@ -46,7 +46,7 @@ equal fractions, which makes the step-to-step gradient noisier.
 --compile: torch.compile of the transformer (fullgraph) with dynamic shapes. Target grid, kept count
 and group size change from step to step, so one graph with symbolic sizes serves them all, where
 static shapes would compile once per combination (sampling, whose shapes a run fixes, compiles static
-shapes and buckets the kept counts instead: pipeline.generate).
+shapes and buckets the kept counts instead: cli.build_selector).
 """
 
 import argparse
@@ -63,7 +63,7 @@ import lora
 import quant
 from data import check_max_area
 from files import ArgumentParser
-from klein import empirical_mu, grid_ids, n_keep, pack, text_ids
+from klein import empirical_mu, grid_ids, n_keep, pack, reference_ids, text_ids
 from model import Flux2
 from train_run import (
     DIST_TIMEOUT_MINUTES,
@@ -110,7 +110,7 @@ def drop_references(refs, g, keeps):
     tokens, ids = [], []
     for k, z in enumerate(refs):
         h, w = z.shape[1:]
-        x, i = pack(z[None])[0], grid_ids(h, w, t=10 * (k + 1))  # (h * w, C), (h * w, 4)
+        x, i = pack(z[None])[0], reference_ids(k, h, w)  # (h * w, C), (h * w, 4)
         if keeps is not None:
             keep = torch.randperm(h * w, generator=g)[: n_keep(keeps[k], h * w)].sort().values
             x, i = x[keep], i[keep]

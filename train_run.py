@@ -28,7 +28,7 @@ import torch.distributed as dist
 import lora
 from checkpoints import load_checkpoint
 from data import CachedDataset, check_out_dir, encode_manifest, read_manifest
-from files import STALE_TEMP, check_file, field, remove_stale_temps, write_atomic
+from files import STALE_TEMP, check_file, field, read_json, remove_stale_temps, write_atomic
 from model import Flux2, Flux2Config
 
 CHECKPOINT, LORA_FILE, LOG = "checkpoint.pt", "pytorch_lora_weights.safetensors", "log.jsonl"
@@ -141,6 +141,11 @@ def check_run(args, rank, world):
     with node_first(world):
         fields, _ = load_checkpoint(args.model)  # the transformer's config, checked; weights memory-mapped, unread
     cfg = Flux2Config(**fields)
+    index = os.path.join(args.model, "model_index.json")
+    if rank == 0 and os.path.isfile(index) and read_json(index).get("is_distilled") is True:
+        print(f"warning: {args.model} is a step-distilled checkpoint (model_index.json: is_distilled); the flow-matching "
+              "loss spans every sigma, which distilled klein was not trained on: train a base one "
+              "(FLUX.2-klein-base-4B, -base-9B)", file=sys.stderr)  # fmt: skip
     with torch.device("meta"):  # the LoRA layout, without weights: checks --targets and the checkpoint
         probe = Flux2(cfg).requires_grad_(False)
     lora.inject(probe, args.targets, args.rank, args.alpha, args.seed)
