@@ -548,6 +548,7 @@ def bad_files(distilled, tmp_path_factory):
     sd = load_file(d / "lora.safetensors")
     sd[next(iter(sd))][0, 0] = float("nan")
     save_file(sd, d / "nan_lora.safetensors")  # save_lora itself refuses to write one
+    save_file({f"w{i}": torch.zeros(2) for i in range(183)}, d / "not_lora.safetensors")  # e.g. a transformer file
     return d
 
 
@@ -565,6 +566,7 @@ BAD = {  # case: (arguments after --model, substring of the one error line)
     "lora missing": (["--lora", "{d}/missing.safetensors"], "missing.safetensors"),
     "lora nan": (["--lora", "{d}/nan_lora.safetensors"], "NaN"),
     "lora not safetensors": (["--lora", "{d}/file"], "LoRA"),
+    "lora not a lora": (["--lora", "{d}/not_lora.safetensors"], "not_lora.safetensors is not a LoRA file (no known LoRA keys"),
     "no ref: keep kv selection": (["--no-ref", "--keep", "0.1", "0.2", "--kv-cache", "--save-selection", "{d}/sel.png"],
                                   "--keep, --kv-cache, --save-selection cannot apply without a reference"),  # fmt: skip
     "no ref: selector": (["--no-ref", "--selector", "canny"], "--selector cannot apply without"),
@@ -597,6 +599,12 @@ BAD = {  # case: (arguments after --model, substring of the one error line)
     "weights fp4": (["--weights", "fp4"], "--weights"),
     "selection seed negative": (["--keep", "0.5", "--selection-seed", "-1"], "--selection-seed"),
     "out unknown format": (["--out", "{d}/o.xyz"], "unknown image format"),
+    "out gif": (["--out", "{d}/o.gif"], "use .png, .jpg or .webp"),
+    "out in a missing folder": (["--out", "{d}/nonexistent/sub/o.png"], "folder " + "{d}/nonexistent/sub does not exist"),
+    "selection in a missing folder": (["--keep", "0.5", "--save-selection", "{d}/nope/s.png"], "does not exist"),
+    "out dir under a missing folder": (["--no-out", "--out-dir", "{d}/nope/outs"], "does not exist"),
+    "selector unknown (argparse)": (["--keep", "0.5", "--selector", "sobel"], "--selector"),
+    "keep not a number (argparse)": (["--keep", "abc"], "--keep"),
     "out is a folder": (["--out", "{d}/dir.png"], "is a folder"),
     "out and out dir": (["--out-dir", "{d}/outs"], "exactly one of --out and --out-dir"),
     "out dir is a file": (["--no-out", "--out-dir", "{d}/file"], "not a folder"),
@@ -604,7 +612,7 @@ BAD = {  # case: (arguments after --model, substring of the one error line)
     "prompts missing": (["--prompts", "{d}/nope.txt"], "nope.txt"),
     "prompts not utf-8": (["--prompts", "{d}/latin1.txt"], "UTF-8"),
     "prompts empty": (["--prompts", "{d}/empty.txt"], "no prompt"),
-    "ref missing": (["--ref", "{d}/nope.png"], "nope.png"),
+    "ref missing": (["--ref", "{d}/nope.png"], "--ref: image not found: {d}/nope.png"),
     "ref not an image": (["--ref", "{d}/bad.png"], "bad.png"),
     "ref too small": (["--ref", "{d}/small.png"], "too small"),
     "ref fifo": (["--ref", "{d}/fifo.png"], "fifo.png"),
@@ -637,8 +645,8 @@ def test_cli_bad_input_table(distilled, bad_files, tmp_path, monkeypatch, capsys
     with pytest.raises(SystemExit) as exit:
         sample.main([a for kv in args.items() for a in kv] + extra)
     err = capsys.readouterr().err.strip().splitlines()
-    assert exit.value.code != 0
-    assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
+    assert exit.value.code == 1  # argparse's own errors too: one status for every bad value
+    assert len(err) == 1 and err[0].startswith("error: ") and message.format(d=bad_files) in err[0], err
     assert (sorted(bad_files.iterdir()), sorted(tmp_path.iterdir())) == before
 
 
