@@ -372,8 +372,6 @@ def test_attention_scores_go_through_the_same_rule():
     assert hits[-quarter:].sum() > 3 * hits[:quarter].sum()
     same = ts.select_reference_tokens(images, 0.2, "attention", seed=3, scores=scores, budget="adaptive")
     assert sum(map(len, same)) == round(sum(0.2 * n for n in sizes))
-    cover = ts.select_reference_tokens(images, 0.2, "attention", seed=3, scores=scores, coverage=True)
-    assert [len(k) for k in cover] == [max(1, round(0.2 * n)) for n in sizes]
     with pytest.raises(ValueError, match="takes the model's scores"):
         ts.select_reference_tokens(images, 0.2, "attention")
     with pytest.raises(ValueError, match="takes the model's scores"):
@@ -419,35 +417,6 @@ def test_counts_round_up_to_a_multiple():
 
 # -----------------------------------------------------------------------------
 # visualization and CLI
-
-
-def _cells(idx, grid_w, side):
-    return [(i // grid_w // side, i % grid_w // side) for i in idx.tolist()]
-
-
-def test_coverage_keeps_one_token_per_cell_and_follows_scores_inside():
-    # 16x16 tokens, k = 16 -> 4x4-token cells, exactly one kept token in each.
-    rng = np.random.default_rng(0)
-    scores = torch.zeros(16, 16)
-    scores[::2, ::2] = torch.from_numpy(rng.random((8, 8))).float() + 0.1  # only every other token scores
-    for seed in range(5):
-        idx = ts._sample(scores.flatten(), 16, seed, uniform_mix=0.0, grid_w=16)
-        assert sorted(_cells(idx, 16, 4)) == [(r, c) for r in range(4) for c in range(4)]
-        assert (scores.flatten()[idx] > 0).all()  # inside a cell the scores decide
-        assert torch.equal(idx, ts._sample(scores.flatten(), 16, seed, uniform_mix=0.0, grid_w=16))
-
-
-def test_coverage_spreads_tokens_where_the_paper_rule_concentrates_them():
-    # All the score in one quadrant: the paper's rule puts nearly everything there, coverage first
-    # still keeps a token in every cell; per image it goes through select_reference_tokens.
-    image = np.zeros((256, 256, 3), np.uint8)
-    image[:128, :128] = (np.indices((128, 128)).sum(0) % 8 < 4)[..., None] * 255  # stripes: edges, top left only
-    plain = ts.select_reference_tokens([image], 1 / 16, "canny", seed=1)[0]
-    cover = ts.select_reference_tokens([image], 1 / 16, "canny", seed=1, coverage=True)[0]
-    assert len(plain) == len(cover) == 16
-    assert len(set(_cells(cover, 16, 4))) == 16
-    assert sum(r < 2 and c < 2 for r, c in _cells(plain, 16, 4)) >= 12
-    assert ts.select_reference_tokens([image], 1.0, "canny", coverage=True)[0].tolist() == list(range(256))
 
 
 def test_draw_selection():

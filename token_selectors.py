@@ -229,9 +229,9 @@ def _check_fraction(name, value, low_open):
     return value
 
 
-def _sample(scores, k, seed, uniform_mix, grid_w=None):
+def _sample(scores, k, seed, uniform_mix):
     """Draw k of N token indices without replacement, p_i = (1 - a) s_i / sum(s) + a / N.
-    grid_w (the token grid's width): coverage first, see _cover. Returns a sorted (k,) LongTensor."""
+    Returns a sorted (k,) LongTensor."""
     a = _check_fraction("uniform_mix", uniform_mix, low_open=False)
     s = torch.as_tensor(scores).detach().flatten().double().cpu()
     if not torch.isfinite(s).all() or (s < 0).any():
@@ -241,34 +241,12 @@ def _sample(scores, k, seed, uniform_mix, grid_w=None):
     p = (1 - a) * p + a / N
     g = torch.Generator().manual_seed(seed)
     n_pos = int((p > 0).sum())
-    if grid_w and n_pos >= k:
-        idx = _cover(p, k, g, grid_w)
-    elif n_pos >= k:
+    if n_pos >= k:
         idx = torch.multinomial(p, k, replacement=False, generator=g)
     else:  # a == 0 and fewer scored tokens than k: take them all, fill up uniformly from the rest
         fill = torch.multinomial((p == 0).double(), k - n_pos, replacement=False, generator=g)
         idx = torch.cat([(p > 0).nonzero()[:, 0], fill])
     return idx.sort().values
-
-
-def _cover(p, k, g, grid_w):
-    """k tokens, coverage first: the token grid is cut into square cells of side s = floor(sqrt(N / k))
-    (so there are at least k cells), k cells are drawn without replacement by their mass sum(p_i),
-    then one token inside each drawn cell by p_i. No large region goes empty (plain sampling leaves
-    flat areas bare once the map concentrates the budget); the map still decides where inside a cell,
-    and which cells win when there are more cells than tokens."""
-    N = p.numel()
-    side = max(1, math.isqrt(N // k))
-    pos = torch.arange(N)
-    cell = (pos // grid_w // side) * -(-grid_w // side) + pos % grid_w // side  # (N,) cell of each token
-    mass = torch.zeros(int(cell.max()) + 1, dtype=p.dtype).index_add_(0, cell, p)
-    if int((mass > 0).sum()) < k:  # too few cells with any probability: plain sampling
-        return torch.multinomial(p, k, replacement=False, generator=g)
-    picks = []
-    for c in torch.multinomial(mass, k, replacement=False, generator=g):
-        members = (cell == c).nonzero()[:, 0]
-        picks.append(members[torch.multinomial(p[members], 1, generator=g)])
-    return torch.cat(picks)
 
 
 def select_tokens(scores, keep, seed=0, uniform_mix=0.25):
@@ -304,7 +282,7 @@ def _split_budget(total, weights, sizes):
 
 
 def select_reference_tokens(images, keep, selector="canny", seed=0, uniform_mix=0.25,
-                            budget="uniform", coverage=False, scores=None, multiple=1):
+                            budget="uniform", scores=None, multiple=1):
     """Kept token indices for each reference image: a list of sorted LongTensors.
 
     keep: a fraction in (0, 1] for every reference, or a list with one fraction per reference.
@@ -319,8 +297,6 @@ def select_reference_tokens(images, keep, selector="canny", seed=0, uniform_mix=
                   a = uniform_mix, the same mix as within an image. Every reference keeps
                   between 1 and all of its tokens; what a full reference cannot take goes to
                   the others. The selector then picks which tokens inside each reference.
-    coverage: spread the kept tokens over the image first, one per cell of a coarse grid, the
-              scores choosing inside each cell (_cover); False is the paper's rule.
     scores: per-reference (N_i,) scores from elsewhere (selector "attention": the model's own,
             model.reference_attention) instead of a pixel map; the same sampling rule applies.
     multiple: every count ("uniform") or the total ("adaptive") rounded up to a multiple of it, or
@@ -353,8 +329,7 @@ def select_reference_tokens(images, keep, selector="canny", seed=0, uniform_mix=
         mass = mass / mass.sum() if mass.sum() > 0 else area  # no edges anywhere: by area
         total = round_up(round(sum(k * n for k, n in zip(keeps, sizes))), multiple, sum(sizes))
         counts = _split_budget(total, ((1 - a) * mass + a * area).tolist(), sizes)
-    widths = [w // PATCH if coverage else None for _, w in shapes]
-    return [_sample(s, k, seed + i, uniform_mix, w) for i, (s, k, w) in enumerate(zip(scores, counts, widths))]
+    return [_sample(s, k, seed + i, uniform_mix) for i, (s, k) in enumerate(zip(scores, counts))]
 
 
 @dataclass
