@@ -13,7 +13,7 @@ May import: klein, model, pipeline, token_selectors. No script.
 """
 
 import numbers
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -26,7 +26,6 @@ from vae import AutoEncoder
 
 QUERIES = ("target", "text", "both", "references")
 CHUNK_BYTES = 64 * 2**20  # float32 scores per chunk of queries in reference_attention
-
 
 
 class _Stop(Exception):
@@ -85,7 +84,7 @@ def reference_attention(model, img, img_ids, txt, txt_ids, t, ref, ref_ids, bloc
 
 
 def attention_scores(transformer, encoded, txt, h, w, sigma, seed, kv_pattern, queries="target", block=0, x=None):
-    """Per-reference (N_i,) scores from the transformer itself (model.reference_attention): every
+    """Per-reference (N_i,) scores from the transformer itself (reference_attention): every
     reference token, the first image's noise (seed) at sigma (the first step's, or a calibration's),
     its prompt txt (1, L, J); x (1, N, C): score from this latent instead of the noise (a re-score).
     In the KV pattern with queries "references" the scores depend on the references alone."""
@@ -110,8 +109,7 @@ class AttentionSelector:
     sigma: float = None
 
     def __post_init__(self):
-        self.rule = Selector("attention") if self.rule is None else Selector("attention", self.rule.uniform_mix, self.rule.budget,
-                                                                             self.rule.seed, self.rule.multiple)  # fmt: skip
+        self.rule = replace(self.rule or Selector(), name="attention")  # the rule's draw, from the model's scores
         if self.queries not in QUERIES:
             raise ValueError(f"attention queries {self.queries!r}: choose one of {', '.join(QUERIES)}")
 
@@ -124,9 +122,6 @@ class AttentionSelector:
     def __call__(self, images, keeps, scene):
         if not is_sparse(keeps, self.rule.budget):
             return [None] * len(images)
-        n_blocks = len(scene.transformer.double_blocks) + len(scene.transformer.single_blocks)
-        if not 0 <= self.block < n_blocks:
-            raise ValueError(f"attention block {self.block} is not one of the model's {n_blocks} blocks (0 to {n_blocks - 1})")
         return self.rule(images, keeps, scores=self.scores(scene))
 
 
