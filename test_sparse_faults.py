@@ -1,4 +1,4 @@
-"""Faults and bad input for train.py, data.py and token_selectors.py.
+"""Faults and bad input for train.py, data.py and selection.py.
 
 - A table of bad inputs: each one exits non-zero with exactly one line starting `error:`, no traceback,
   and leaves no new file. The CLIs' main(argv) run in this process (a subprocess pays seconds of imports
@@ -26,13 +26,13 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 import data
-import token_selectors
+import selection
 import train
 from files import STALE_TEMP, write_atomic
 from tiny import write_dataset
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-CLIS = {"train": train.main, "data": data.main, "selectors": token_selectors.main}
+CLIS = {"train": train.main, "data": data.main, "selectors": selection.main}
 
 
 def train_args(root, data_path, out, *extra):
@@ -199,7 +199,7 @@ TR = ["--model", "{root}", "--data", "{cache}", "--out", "{case}/run", "--steps"
 TM = ["--model", "{case}/repo", "--data", "{cache}", "--out", "{case}/out", "--steps", "2"]  # a changed repository
 D = ["{manifest}", "--model", "{root}", "--out", "{case}/out"]  # a good data.py call
 DM = ["{manifest}", "--model", "{case}/repo", "--out", "{case}/out"]
-S = ["{base}/ref.png", "--out", "{case}/sel.png"]  # a good token_selectors.py call
+S = ["{base}/ref.png", "--out", "{case}/sel.png"]  # a good selection.py call
 TE, TOK, VAE, DIT = "text_encoder/config.json", "tokenizer/tokenizer.json", "vae/config.json", "transformer/config.json"
 
 # (id, cli, argv, setup, environment)
@@ -331,7 +331,7 @@ CASES = [
     ("te-shard-index-map-str", "data", DM,
      both(sharded("text_encoder", "model", "model.safetensors"),
           lambda fx, case: (case / "repo/text_encoder/model.safetensors").unlink()), None),  # fmt: skip
-    # token_selectors.py
+    # selection.py
     ("sel-image-fifo", "selectors", ["{case}/fifo"] + S[1:], fifo("fifo"), None),
     ("sel-image-missing", "selectors", ["{case}/none.png"] + S[1:], None, None),
     ("sel-image-text", "selectors", ["{case}/x.png"] + S[1:], files("x.png", b"not a picture"), None),
@@ -439,7 +439,7 @@ def test_bad_input_in_real_processes(fx, tmp_path):
     out = str(tmp_path / "out")
     runs = {
         "world-size": (["train.py", "--model", root, "--data", cache, "--out", out], {"WORLD_SIZE": "2"}),
-        "fifo-image": (["token_selectors.py", str(tmp_path / "fifo"), "--out", str(tmp_path / "sel.png")], {}),
+        "fifo-image": (["selection.py", str(tmp_path / "fifo"), "--out", str(tmp_path / "sel.png")], {}),
         "fifo-manifest": (["data.py", str(tmp_path / "fifo"), "--model", root, "--out", out], {}),
         "bad-config": (["train.py", "--model", str(tmp_path / "repo" / "repo"), "--data", cache, "--out", out], {}),
     }

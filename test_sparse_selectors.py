@@ -12,8 +12,9 @@ import torch
 from PIL import Image
 from skimage import data
 
-from klein import n_keep
+import selection
 import token_selectors as ts
+from klein import n_keep
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PHOTOS = ["astronaut", "camera", "coffee", "chelsea", "rocket", "coins"]  # shipped with skimage
@@ -445,7 +446,7 @@ def test_runtime_code_does_not_import_opencv():
 
 
 def run_cli(*args):
-    cmd = [sys.executable, os.path.join(HERE, "token_selectors.py"), *map(str, args)]
+    cmd = [sys.executable, os.path.join(HERE, "selection.py"), *map(str, args)]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=120)
 
 
@@ -471,7 +472,7 @@ def test_cli_errors(tmp_path):
     src = tmp_path / "ref.png"
     Image.fromarray(photo("coffee")[:64, :64]).save(src)
     res = run_cli(src, "--keep", "1.5", "--out", out)
-    assert res.returncode == 1 and res.stderr.startswith("error: keep must be in (0, 1]")
+    assert res.returncode == 1 and res.stderr.startswith("error: --keep must be in (0, 1]")
     assert len(res.stderr.strip().splitlines()) == 1 and "Traceback" not in res.stderr
     assert sorted(os.listdir(tmp_path)) == ["ref.png"]
 
@@ -490,7 +491,7 @@ def test_cli_errors_in_process(tmp_path, capsys, case):
         out = tmp_path / "sel.unknownext"
     before = sorted(os.listdir(tmp_path))
     with pytest.raises(SystemExit) as e:
-        ts.main([str(src), "--keep", "0.2", "--out", str(out)])
+        selection.main([str(src), "--keep", "0.2", "--out", str(out)])
     assert e.value.code == 1
     err = capsys.readouterr().err
     assert err.startswith("error:") and len(err.strip().splitlines()) == 1

@@ -14,13 +14,11 @@ it is this project's decision (see the spec, "What the paper does not say").
 canny() and spectral_residual_saliency() reimplement OpenCV's cv2.Canny (aperture 3, L1 gradient)
 and cv2.saliency's StaticSaliencySpectralResidual; OpenCV is the test oracle, never imported here.
 
-CLI: python token_selectors.py IMAGE --keep 0.1 --selector canny --out sel.png
+Its command line: python selection.py IMAGE --keep 0.1 --selector canny --out sel.png
 
 May import: files, klein.
 """
 import math
-import os
-import sys
 from dataclasses import dataclass
 
 import numpy as np
@@ -28,8 +26,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from files import ArgumentParser, image_format, load_image, write_atomic
-from klein import PATCH, n_keep, prepare_reference, round_up
+from klein import PATCH, n_keep, round_up
 
 SELECTORS = ("canny", "saliency", "random")
 
@@ -298,7 +295,7 @@ def select_reference_tokens(images, keep, selector="canny", seed=0, uniform_mix=
                   between 1 and all of its tokens; what a full reference cannot take goes to
                   the others. The selector then picks which tokens inside each reference.
     scores: per-reference (N_i,) scores from elsewhere (selector "attention": the model's own,
-            model.reference_attention) instead of a pixel map; the same sampling rule applies.
+            attention_selector.reference_attention) instead of a pixel map; the same sampling rule applies.
     multiple: every count ("uniform") or the total ("adaptive") rounded up to a multiple of it, or
               to all tokens (n_keep).
     """
@@ -361,7 +358,7 @@ def is_sparse(keeps, budget="uniform"):
 
 
 # -----------------------------------------------------------------------------
-# visualization and CLI
+# visualization
 
 
 def draw_selection(image, kept, grid_w=None, dim=0.3):
@@ -382,42 +379,3 @@ def draw_selection(image, kept, grid_w=None, dim=0.3):
     dropped = (rgb_to_gray(rgb).float() * dim).round().to(torch.uint8)  # (H, W)
     out = torch.where(mask, rgb, dropped)  # (3, H, W)
     return Image.fromarray(out.permute(1, 2, 0).numpy())
-
-
-def main(argv=None):
-    parser = ArgumentParser(
-        description="Show which tokens of a reference image Sparse Context keeps. The image is "
-        "prepared as sample.py prepares a reference (RGB, at most 1024x1024 px in area, "
-        "centre-cropped to multiples of 16 px), so the token grid is the sampler's.")
-    parser.add_argument("image", help="input image file")
-    parser.add_argument("--keep", type=float, default=0.1, help="fraction of tokens kept, (0, 1]")
-    parser.add_argument("--selector", choices=SELECTORS, default="canny", help="map that weights the draw")
-    parser.add_argument("--out", required=True, help="output image, e.g. sel.png (dropped: dark)")
-    parser.add_argument("--seed", type=int, default=0, help="sampling seed")
-    parser.add_argument("--uniform-mix", type=float, default=0.25,
-                        help="uniform share mixed into the map's probabilities, in [0, 1]")
-    args = parser.parse_args(argv)
-    try:  # every option and file checked before any work; nothing is written on an error
-        _check_fraction("keep", args.keep, low_open=True)
-        _check_fraction("uniform_mix", args.uniform_mix, low_open=False)
-        if not 0 <= args.seed < 2**63:
-            raise ValueError(f"--seed must be in [0, 2^63), got {args.seed}")
-        image_format(args.out)
-        folder = os.path.dirname(os.path.abspath(args.out))
-        if not os.path.isdir(folder) or os.path.isdir(args.out):
-            raise ValueError(f"--out {args.out}: {'is a folder' if os.path.isdir(args.out) else 'its folder does not exist'}")
-
-        image = prepare_reference(load_image(args.image))
-        kept = select_reference_tokens([image], args.keep, args.selector, args.seed, args.uniform_mix)[0]
-        grid_w = image.width // PATCH
-        drawing = draw_selection(image, kept, grid_w)
-        write_atomic(args.out, drawing)
-    except Exception as e:  # PIL raises many kinds (UnidentifiedImageError, DecompressionBombError, ...)
-        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
-        sys.exit(1)
-    n = grid_w * (image.height // PATCH)
-    print(f"kept {len(kept)} of {n} tokens ({args.selector}, keep {args.keep}) -> {args.out}")
-
-
-if __name__ == "__main__":
-    main()
