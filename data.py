@@ -27,7 +27,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from tqdm import tqdm
 
-from files import ArgumentParser, check_file, field, load_image, read_json, remove_stale_temps, resolve_device, write_atomic
+from files import ArgumentParser, check_file, fail, field, load_image, read_json, remove_stale_temps, resolve_device, write_atomic
 from klein import prepare_reference, to_tensor
 
 TASKS = ("edit", "subject")
@@ -321,7 +321,7 @@ def main(argv=None):
         check_max_area(args.max_area)
         encode_manifest(args.manifest, args.model, args.out, args.max_area, args.skip_bad, resolve_device(args.device)[0])
     except (ValueError, OSError) as e:
-        sys.exit(f"error: {e}")
+        fail(e)
 
 
 def encode_manifest(manifest, model, out_dir, max_area, skip_bad, device):

@@ -61,8 +61,9 @@ from tqdm import tqdm
 
 import lora
 import quant
+import train_extras
 from data import check_max_area
-from files import ArgumentParser
+from files import ArgumentParser, fail
 from klein import empirical_mu, grid_ids, n_keep, pack, reference_ids, text_ids
 from model import Flux2
 from train_run import (
@@ -89,7 +90,11 @@ def generator(*key):
 
 def sample_sigma(g, num_tokens):
     """Logit-normal sigma, shifted like klein's schedule for a target of num_tokens tokens."""
-    s = torch.sigmoid(torch.randn((), generator=g, dtype=torch.float64)).item()
+    return shift_sigma(torch.sigmoid(torch.randn((), generator=g, dtype=torch.float64)).item(), num_tokens)
+
+
+def shift_sigma(s, num_tokens):
+    """klein's exponential shift of sigma s for a target of num_tokens tokens: e^mu / (e^mu + 1/s - 1)."""
     e = math.exp(empirical_mu(num_tokens, MU_STEPS))
     return e / (e + (1 / s - 1))
 
@@ -215,6 +220,14 @@ def gradient(model, params, examples, n, args, world, device):
     return loss_sum.item() / n, grad_norm.item()
 
 
+def check_fits(data, cfg, option="--data"):
+    """data (a CachedDataset), if its latents and text fit the transformer config cfg."""
+    if (data.channels, data.text_dim) != (cfg.in_channels, cfg.context_dim):
+        raise ValueError(f"{option}: the cache does not fit the model: latents of {data.channels} channels and text of "
+                         f"{data.text_dim} (the transformer takes {cfg.in_channels} and {cfg.context_dim})")
+    return data
+
+
 def train(args, rank, world, device):
     """The run, in process `rank` of `world` (train_run.run_processes): check, load, resume, then step to
     --steps; process 0 logs every step and saves every --save-every."""
@@ -222,10 +235,9 @@ def train(args, rank, world, device):
     if checked is None:
         return
     cfg, run, state = checked
-    data = open_data(args, rank, world, device)
-    if (data.channels, data.text_dim) != (cfg.in_channels, cfg.context_dim):
-        raise ValueError(f"the cache does not fit the model: latents of {data.channels} channels and text of {data.text_dim} "
-                         f"(the transformer takes {cfg.in_channels} and {cfg.context_dim})")
+    train_extras.check_files(args)  # --val-data, --sample-file: read and checked before any model loads
+    data = check_fits(open_data(args, rank, world, device), cfg)
+    hooks = train_extras.hooks(args, cfg, rank, world, device)  # validation, previews, loss plot: before the transformer
     model, params, opt = lora_model(args, device)
     start = resume(args.out, state, model, opt, rank)
     del state
@@ -237,6 +249,12 @@ def train(args, rank, world, device):
             print(f"the run had reached step {start}; restored its LoRA: {lora_path}")
         return
 
+    if start == 0 and hooks:  # before the first step: the base model's validation loss and previews, as step 0
+        record = dict(step=0)
+        for hook in hooks:
+            record |= hook(record, model)
+        if rank == 0:
+            append_log(args.out, record)
     G = run["global_batch"]
     buckets = data.buckets()
     per_epoch = len(epoch_batches(buckets, G, args.seed, 0))
@@ -259,8 +277,11 @@ def train(args, rank, world, device):
         opt.step()
         bar.set_postfix(loss=f"{loss:.4f}")
 
+        record = dict(step=step + 1, loss=loss, lr=lr, grad_norm=grad_norm)
+        for hook in hooks:  # train_extras: validation loss, previews, loss plot, each adding its log fields
+            record |= hook(record, model)
         if rank == 0:
-            append_log(args.out, dict(step=step + 1, loss=loss, lr=lr, grad_norm=grad_norm))
+            append_log(args.out, record)
             if (step + 1) % args.save_every == 0 or step + 1 == args.steps:
                 if not all(torch.isfinite(p).all() for p in params):
                     raise NonFiniteError(f"step {step + 1}: the LoRA became non-finite; nothing saved (lower --lr)")
@@ -309,7 +330,9 @@ def parse_args(argv=None):
     p.add_argument("--skip-bad", action="store_true", help="when caching a manifest: skip bad lines instead of stopping")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the transformer (fullgraph, dynamic shapes: one compilation for every kept count)")
+    train_extras.add_options(p)
     args = p.parse_args(argv)
+    train_extras.check_options(p, args)
     lo, hi = args.keep_range
     if not 0 < lo <= hi <= 1:
         p.error(f"--keep-range needs 0 < LO <= HI <= 1, got {lo} {hi}")
@@ -341,7 +364,7 @@ def main(argv=None):
     try:
         run_processes(train, args)
     except (ValueError, OSError) as e:
-        sys.exit(f"error: {e}")
+        fail(e)
 
 
 if __name__ == "__main__":
