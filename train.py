@@ -53,7 +53,6 @@ import argparse
 import hashlib
 import math
 import os
-import sys
 
 import torch
 import torch.distributed as dist
