@@ -7,8 +7,8 @@ r"""Evaluate Sparse Context like the field: one command from a benchmark manifes
 For every example of the manifest (benchmarks.py writes them) it samples the dense image and one image per
 selector x keep (x with and without the KV cache with --kv-cache both), every --seeds seed, with any model,
 LoRA and 8-bit weights the sampler takes; then scores each image (metrics.py) and writes into --out-dir:
-results.md and results.json (per setting: seconds per image, speedup over dense, and the mean and 95% interval
-of every metric over the examples) and quality_vs_speedup.png.
+results.md and results.json (per setting: seconds per image, speedup over dense, the mean and 95% interval of
+every metric over the examples, and its paired change against dense) and quality_vs_speedup.png.
 
 - Settings: "dense" (keep 1) and each selector x keep; `auto` is canny for edit examples and saliency for
   subject ones. The baseline of speed and of fidelity-to-dense is dense without the KV cache (with it when
@@ -602,7 +602,8 @@ def main(argv=None):
         png = plot(rows, png)
     except OSError as e:
         fail(e)
-    print("\n".join(line for line in markdown(name, rows, settings_shown, DEFINITIONS).splitlines() if line.startswith("|")))
+    shown = (line for line in markdown(name, rows, settings_shown, DEFINITIONS).splitlines() if line.startswith(("|", "Change against")))
+    print("\n".join(line if line.startswith("|") else "\n" + line.split(" (")[0] + ":" for line in shown))
     print(f"total {time.perf_counter() - start:.1f}s")
     for path in (md, js, png):
         if path:
