@@ -521,25 +521,35 @@ def test_torchrun_equals_one_process(klein, tmp_path, monkeypatch):
     caches it while the other waits), take the same global batches and draws as 1 process x 2 examples; 7 examples in batches of 2, so step 4 is a batch of one (process 1
     has none) and step 5 starts a new epoch. With one example per forward in both, the summed
     gradient is the same float sum (a + b), so the LoRA is bitwise equal; stacking the two examples
-    into one forward (batch 2) changes only rounding: losses and gradient norms agree to 1e-6."""
+    into one forward (batch 2) changes only rounding: losses and gradient norms agree to 1e-6.
+    Both runs validate (train_extras: the processes share the forwards and sum their losses) and draw
+    previews (process 0 alone, the other waiting): the validation losses and the sheets are bitwise equal."""
     root, manifest, cache = klein
+    (tmp_path / "previews.jsonl").write_text(json.dumps(dict(prompt="invert the colours", references=[str(root / "data" / "img" / "ref3.png")])) + "\n")
+    extras = ["--val-data", str(cache), "--val-every", "2", "--sample-file", str(tmp_path / "previews.jsonl"), "--sample-every", "4"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    args = run_args(root, manifest, tmp_path / "two", "--steps", "5", "--gradient-checkpointing")
+    args = run_args(root, manifest, tmp_path / "two", "--steps", "5", "--gradient-checkpointing", *extras)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", os.path.join(HERE, "train.py"), *args]
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert CachedDataset(str(tmp_path / "two" / "cache")).index == CachedDataset(str(cache)).index
-    train.main(run_args(root, cache, tmp_path / "accum", "--steps", "5", "--grad-accum", "2"))
+    train.main(run_args(root, cache, tmp_path / "accum", "--steps", "5", "--grad-accum", "2", *extras))
     sizes, loss = [], train.flow_matching_loss
     monkeypatch.setattr(train, "flow_matching_loss", lambda model, group, *a: sizes.append(len(group)) or loss(model, group, *a))
     train.main(run_args(root, cache, tmp_path / "stacked", "--steps", "5", "--batch-size", "2"))
     assert 2 in sizes  # two examples share a forward, padded and masked when their kept counts differ
     two, accum, stacked = (lora_of(tmp_path / d) for d in ("two", "accum", "stacked"))
     assert all(torch.equal(two[k], accum[k]) for k in two)
-    logs = {d: [json.loads(line) for line in open(tmp_path / d / "log.jsonl")] for d in ("two", "accum", "stacked")}
+    untimed = lambda r: {k: v for k, v in r.items() if not k.endswith("_seconds")}  # noqa: E731
+    logs = {d: [untimed(json.loads(line)) for line in open(tmp_path / d / "log.jsonl")] for d in ("two", "accum", "stacked")}
     assert logs["two"] == logs["accum"]
+    assert [r["step"] for r in logs["two"] if "val_dense" in r] == [0, 2, 4, 5]
+    print("\nvalidation losses, torchrun x2 = one process:", [(r["step"], round(r["val_dense"], 6), round(r["val_sparse"], 6)) for r in logs["two"] if "val_dense" in r])
+    sheets = sorted(os.listdir(tmp_path / "two" / "samples"))
+    assert sheets == ["step_000000.png", "step_000004.png", "step_000005.png"] == sorted(os.listdir(tmp_path / "accum" / "samples"))
+    assert all((tmp_path / "two" / "samples" / n).read_bytes() == (tmp_path / "accum" / "samples" / n).read_bytes() for n in sheets)
     for key in ("loss", "grad_norm"):
-        a, b = (np.array([r[key] for r in logs[d]]) for d in ("two", "stacked"))
+        a, b = (np.array([r[key] for r in logs[d] if "loss" in r]) for d in ("two", "stacked"))
         print(f"\ntorchrun x2 vs one process, one forward of 2: {key} max rel diff {np.abs(a / b - 1).max():.1e}")
         assert np.allclose(a, b, rtol=1e-6, atol=0)
 

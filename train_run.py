@@ -32,6 +32,8 @@ from files import STALE_TEMP, check_file, field, read_json, remove_stale_temps, 
 from model import Flux2, Flux2Config
 
 CHECKPOINT, LORA_FILE, LOG = "checkpoint.pt", "pytorch_lora_weights.safetensors", "log.jsonl"
+CACHES = ("cache", "val-cache")  # --data and --val-data manifests, cached
+EXTRAS = ("samples", "loss.png")  # train_extras' outputs: what a run writes before its first save, beside LOG
 MAX_OPTIMIZER_STEPS = 10**8  # bounds --steps, --warmup and --save-every
 DIST_TIMEOUT_MINUTES = 240  # caching a large manifest on process 0 takes hours; NCCL's default is 10 minutes
 # what defines a run: --resume refuses to change these (the number of processes may change)
@@ -104,17 +106,18 @@ def node_first(world):
         barrier(world)
 
 
-def open_data(args, rank, world, device):
-    """The training examples: a cache folder as it is; a manifest cached into OUT/cache first, by process
-    0 while the others wait."""
-    if os.path.isdir(args.data):
-        return CachedDataset(args.data)
-    read_manifest(args.data, args.skip_bad)  # every line checked, on every process, before any model loads
-    cache = os.path.join(args.out, "cache")
+def open_data(args, rank, world, device, data=None, cache="cache"):
+    """The training examples (data: another --data, e.g. --val-data, cached into OUT/<cache>): a cache
+    folder as it is; a manifest cached into OUT/cache first, by process 0 while the others wait."""
+    data = args.data if data is None else data
+    if os.path.isdir(data):
+        return CachedDataset(data)
+    read_manifest(data, args.skip_bad)  # every line checked, on every process, before any model loads
+    cache = os.path.join(args.out, cache)
     problem = None
     if rank == 0:
         try:
-            encode_manifest(args.data, args.model, cache, args.max_area, args.skip_bad, device)
+            encode_manifest(data, args.model, cache, args.max_area, args.skip_bad, device)
         except (ValueError, OSError) as e:
             problem = str(e)
         gc.collect()  # the encoders are gone: free their memory before the transformer loads
@@ -176,12 +179,12 @@ def check_out(args):
             raise ValueError(f"{args.out} already holds a run: pass --resume to continue it, or choose another --out")
         return read_checkpoint(checkpoint)
     held = sorted(n for n in (os.listdir(args.out) if os.path.isdir(args.out) else []) if not STALE_TEMP.fullmatch(n))
-    if args.resume and os.path.isdir(args.out) and set(held) <= {LOG, "cache"}:
+    if args.resume and os.path.isdir(args.out) and set(held) <= {LOG, *CACHES, *EXTRAS}:
         print(f"{args.out} has no {CHECKPOINT} yet (the run stopped before its first save): starting at step 0", file=sys.stderr)
         return None
     if args.resume:
         raise FileNotFoundError(f"--resume: no {CHECKPOINT} in {args.out}")
-    if set(held) - {"cache"}:  # OUT/cache alone: a manifest caching that was interrupted, resumable
+    if set(held) - set(CACHES):  # OUT/cache alone: a manifest caching that was interrupted, resumable
         raise ValueError(f"--out {args.out} holds {', '.join(held)} but no {CHECKPOINT}: choose an empty or new folder "
                          f"(or pass --resume if a run of this command was interrupted before its first save)")
     return None
@@ -306,6 +309,6 @@ def resume(out, state, model, opt, rank):
         remove_stale_temps(out)
         if stale:  # a kill between checkpoint and LoRA file: finish that save
             lora.save_lora(model, lora_path)
-        if os.path.exists(log_path):
-            write_atomic(log_path, "".join(read_log(log_path, start)))
+        if os.path.exists(log_path):  # no checkpoint: the run starts over, its step-0 line (train_extras) too
+            write_atomic(log_path, "".join(read_log(log_path, start if state is not None else -1)))
     return start
