@@ -40,7 +40,6 @@ codec, examples, the training cache), study_eval.py (selection, sampling, metric
 study_report.py (verdicts, tables, figures, REPRODUCTION.md); none imports this file.
 """
 
-import argparse
 import datetime
 import hashlib
 import json
@@ -59,7 +58,7 @@ from tqdm import tqdm
 
 import lora
 from data import CachedDataset
-from files import write_atomic
+from files import ArgumentParser, write_atomic
 from model import Flux2, Flux2Config
 from study_eval import GATE_DB, calibrate_topi, evaluate, gate, grey_floor, summarize, time_sampling
 from study_report import gate_table, image_grid, plot_losses, plot_quality, plot_speed, verdicts, write_report
@@ -253,8 +252,7 @@ def load_model(base, lora_file=None):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Reproduce Sparse Context's claims at CPU scale (see the module docstring).",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = ArgumentParser(description="Reproduce Sparse Context's claims at CPU scale (see the module docstring).")
     p.add_argument("--quick", action="store_true", help="tiny world and a few steps: a smoke run of every stage")
     p.add_argument("--work", default=None, help="caches, base model and fine-tunes (default: repro-work, repro-quick/work)")
     p.add_argument("--report", default=None, help="folder of REPRODUCTION.md and its figures (default: . or repro-quick)")
