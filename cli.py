@@ -165,8 +165,8 @@ def check_rescore_step(step, steps):
 
 def warn_slow_dtype(device, dtype):
     if device.type == "cpu" and dtype != torch.float32:
-        print(f"warning: {str(dtype).removeprefix('torch.')} on a CPU is many times slower than fp32 (the VAE about "
-              "100x); use --dtype fp32 unless memory is short", file=sys.stderr)  # fmt: skip
+        print(f"warning: {str(dtype).removeprefix('torch.')} on a CPU without native bf16 (AVX512-BF16, AMX) is many "
+              "times slower than fp32 (the VAE up to 100x); use --dtype fp32 unless memory is short", file=sys.stderr)  # fmt: skip
 
 
 def compiled(model):
