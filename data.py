@@ -2,7 +2,8 @@
 
 Manifest: one example per line, image paths relative to the manifest's folder:
     {"prompt": "make it snowy", "target": "out/0.png", "references": ["in/0.png"], "task": "edit"}
-task is "edit" (instruction editing, spatially aligned) or "subject" (personalization).
+task is "edit" (instruction editing, spatially aligned) or "subject" (personalization). Data held the way
+ai-toolkit, musubi-tuner or diffusers' klein scripts read it converts to this manifest with layouts.py.
 
 Cache: the VAE latents and text context of every example, so that training holds only the
 transformer (a 4B text encoder and the VAE never sit next to it):

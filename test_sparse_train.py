@@ -400,18 +400,29 @@ def test_manifest_error_lists_every_line(tmp_path, capsys):
     assert "skipped 2 bad line(s)" in capsys.readouterr().err
 
 
+def error_line(e, capsys):
+    """The one `error:` line a CLI exited with: sys.exit("error: ...") or files.fail (printed, exit status 1)."""
+    err = capsys.readouterr().err.splitlines()
+    if isinstance(e.value.code, str):
+        return e.value.code
+    errors = [line for line in err if line.startswith("error: ")]
+    assert e.value.code == 1 and len(errors) == 1, err
+    return errors[0]
+
+
 def test_cli_bad_input(klein, tmp_path, capsys):
     root, _, cache = klein
     path = manifest_with(tmp_path, record(target=None))
     with pytest.raises(SystemExit) as e:
         train.main(["--model", str(root), "--data", str(path), "--out", str(tmp_path / "run")])
-    assert e.value.code == f"error: {path} line 2: missing field 'target'"
+    assert error_line(e, capsys) == f"error: {path} line 2: missing field 'target'"
     with pytest.raises(SystemExit) as e:
         train.main(["--model", str(root), "--data", str(cache), "--out", str(tmp_path / "run"), "--keep-range", ".3", ".1"])
     assert e.value.code == 1 and "--keep-range needs 0 < LO <= HI <= 1" in capsys.readouterr().err
     with pytest.raises(SystemExit) as e:
         train.main(["--model", str(tmp_path), "--data", str(cache), "--out", str(tmp_path / "run")])
-    assert str(e.value.code).startswith("error: ") and "\n" not in str(e.value.code)
+    message = error_line(e, capsys)
+    assert message.startswith("error: ") and "\n" not in message
 
 
 # ----------------------------------------------------------------------------------------------
@@ -486,7 +497,7 @@ def lora_of(out):
     return torch.load(out / "checkpoint.pt", weights_only=True)["lora"]
 
 
-def test_resume_equals_uninterrupted(klein, tmp_path, monkeypatch):
+def test_resume_equals_uninterrupted(klein, tmp_path, monkeypatch, capsys):
     """A run killed in step 5 (after the checkpoint of step 4) and resumed equals an uninterrupted run."""
     root, _, cache = klein
     args = ["--steps", "6", "--kv", "--grad-accum", "2", "--rank", "2", "--alpha", "3"]
@@ -505,10 +516,13 @@ def test_resume_equals_uninterrupted(klein, tmp_path, monkeypatch):
         train.main(run_args(root, cache, tmp_path / "b", *args))
     monkeypatch.undo()
     assert torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)["step"] == 4
-    with pytest.raises(SystemExit, match="already holds a run"):
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
         train.main(run_args(root, cache, tmp_path / "b", *args))
-    with pytest.raises(SystemExit, match="rank 2 -> 4"):
+    assert "already holds a run" in error_line(e, capsys)
+    with pytest.raises(SystemExit) as e:
         train.main(run_args(root, cache, tmp_path / "b", *args[:-4], "--resume"))
+    assert "rank 2 -> 4" in error_line(e, capsys)
     train.main(run_args(root, cache, tmp_path / "b", *args, "--resume"))
     a, b = lora_of(tmp_path / "a"), lora_of(tmp_path / "b")
     assert all(torch.equal(a[k], b[k]) for k in a)

@@ -15,7 +15,9 @@ The first non-finite loss or gradient stops the run with an error naming the ste
 
 This file reads top to bottom: the keyed draws and the training example, the loss, the step and the
 loop (`train`), the command line. train_run.py holds the run management the loop calls: torchrun's
-processes, the checks of --out and the checkpoint, saving and resuming.
+processes, the checks of --out and the checkpoint, saving and resuming. train_extras.py holds what the
+loop calls beside training, as hooks after every step: a validation loss (--val-data), preview sheets
+(--sample-file) and the loss plot.
 
 One step takes a global batch of G = batch_size x grad_accum x processes examples:
   - step n draws from a generator seeded by (seed, n, "keep") whether its examples keep every
