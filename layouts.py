@@ -277,7 +277,8 @@ def convert(layout, source, out, task=None, skip_bad=False, **options):
 
 def main(argv=None):
     p = ArgumentParser(description="Convert ai-toolkit folders, a musubi-tuner JSONL or a local Hugging Face dataset "
-                                   "into a training manifest (train.py --data, data.py).")  # fmt: skip
+                                   "into a training manifest (train.py --data, data.py).",
+                       epilog="examples:\n" + "\n".join(__doc__.split("\n\n")[1].splitlines()[:3]))  # fmt: skip
     sub = p.add_subparsers(dest="layout", required=True, metavar="LAYOUT", help=", ".join(LAYOUTS))
     a = sub.add_parser("ai-toolkit", help="an image folder, its control folders, same-name .txt captions")
     a.add_argument("folder", help="the dataset's folder_path: target images and their captions")

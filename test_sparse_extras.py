@@ -7,6 +7,8 @@ import contextlib
 import io
 import json
 import os
+import shutil
+import signal
 import subprocess
 import sys
 
@@ -300,9 +302,16 @@ def preview_file(root, path):
     return path
 
 
-def extras_args(root, cache, out, previews, *extra):
+def small_cache(cache, folder, n=2):
+    """A copy of the cache holding its first n examples: a short validation pass."""
+    shutil.copytree(cache, folder)
+    (folder / "index.json").write_text(json.dumps(json.loads((cache / "index.json").read_text())[:n]))
+    return folder
+
+
+def extras_args(root, cache, out, previews, val, *extra):
     return ["--model", str(root), "--data", str(cache), "--out", str(out), "--steps", "5", "--save-every", "2", "--rank", "2",
-            "--lr", "2e-3", "--warmup", "2", "--val-data", str(cache), "--val-every", "2", "--sample-file", str(previews),
+            "--lr", "2e-3", "--warmup", "2", "--val-data", str(val), "--val-every", "2", "--sample-file", str(previews),
             "--sample-every", "2", *extra]  # fmt: skip
 
 
@@ -315,8 +324,8 @@ def test_previews_and_validation_resume(klein, tmp_path, monkeypatch):
     beside the LoRA. A run killed in the save of step 4 (after that step's sheet) resumes from step 2: it
     draws step 5 only (step 4's sheet is kept, not drawn again) and ends with the uninterrupted run's files."""
     root, _, cache = klein
-    previews = preview_file(root, tmp_path / "previews.jsonl")
-    train.main(extras_args(root, cache, tmp_path / "a", previews))
+    previews, val = preview_file(root, tmp_path / "previews.jsonl"), small_cache(cache, tmp_path / "val")
+    train.main(extras_args(root, cache, tmp_path / "a", previews, val))
     a = tmp_path / "a"
     assert sorted(os.listdir(a / "samples")) == [f"step_00000{s}.png" for s in (0, 2, 4, 5)]
     log = [json.loads(line) for line in open(a / "log.jsonl")]
@@ -339,11 +348,11 @@ def test_previews_and_validation_resume(klein, tmp_path, monkeypatch):
     monkeypatch.setattr(train, "save", killed_in_second_save)
     b = tmp_path / "b"
     with pytest.raises(KeyboardInterrupt):
-        train.main(extras_args(root, cache, b, previews))
+        train.main(extras_args(root, cache, b, previews, val))
     assert draws == ["step 0", "step 2", "step 4"] and saves == [2, 4]
     drawn = (b / "samples" / "step_000004.png").stat()
     monkeypatch.setattr(train, "save", save)
-    train.main(extras_args(root, cache, b, previews, "--resume"))
+    train.main(extras_args(root, cache, b, previews, val, "--resume"))
     assert draws == ["step 0", "step 2", "step 4", "step 5"]
     again = (b / "samples" / "step_000004.png").stat()
     assert (again.st_ino, again.st_mtime_ns) == (drawn.st_ino, drawn.st_mtime_ns)
@@ -445,3 +454,74 @@ def test_loss_plot_without_matplotlib(tmp_path, monkeypatch, capsys):
     monkeypatch.undo()
     train_extras.plot_losses([dict(step=0, val_dense=2.0, val_sparse=2.1), dict(step=1, loss=1.0)], str(tmp_path / "loss.png"), 0.1)
     assert load_image(str(tmp_path / "loss.png")).size == (700, 400)
+
+
+# ----------------------------------------------------------------------------------------------
+# Kills: a run with validation and previews, SIGKILLed where the extras write, ends as the uninterrupted one
+
+
+def killed_at(point, run):
+    """run() in a forked child, SIGKILLed at `point`: (file name, "written" | "renamed"), the temporary of
+    files.write_atomic for that name complete or renamed over it, or ("log", step), right after that
+    step's log line is appended. Returns the child's exit status (-9: killed there)."""
+    pid = os.fork()
+    if pid == 0:
+        code = 3
+        try:
+            name, when = point
+            replace, append_log = os.replace, train.append_log
+
+            def atomic_replace(src, dst, *a, **k):
+                if os.path.basename(dst) == name and when == "written":
+                    os.kill(os.getpid(), signal.SIGKILL)
+                replace(src, dst, *a, **k)
+                if os.path.basename(dst) == name and when == "renamed":
+                    os.kill(os.getpid(), signal.SIGKILL)
+
+            def append(out, record):
+                append_log(out, record)
+                if name == "log" and record["step"] == when:
+                    os.kill(os.getpid(), signal.SIGKILL)
+
+            os.replace, train.append_log = atomic_replace, append
+            with open(os.devnull, "w") as f, contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
+                run()
+            code = 0
+        finally:
+            os._exit(code)
+    return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+
+
+def same_run(a, b):
+    """Two run folders hold the same files: bytes, but checkpoint.pt's tensors (torch.save stamps an id) and
+    log.jsonl without the seconds each hook took."""
+    files = lambda d: sorted(os.path.relpath(os.path.join(r, n), d) for r, _, ns in os.walk(d) for n in ns)  # noqa: E731
+    assert files(a) == files(b)
+    for rel in files(a):
+        if rel == "checkpoint.pt":
+            x, y = (torch.load(d / rel, weights_only=True) for d in (a, b))
+            assert x["step"] == y["step"] and all(torch.equal(x["lora"][k], y["lora"][k]) for k in x["lora"])
+        elif rel == "log.jsonl":
+            assert untimed(a / rel) == untimed(b / rel)
+        else:
+            assert (a / rel).read_bytes() == (b / rel).read_bytes(), rel
+
+
+def test_extras_survive_kills(klein, tmp_path):
+    """Killed as a sheet is written and after it is renamed (step 0: before any checkpoint; step 2: before
+    that step's checkpoint), as the loss plot is written and after (before the last checkpoint), and after
+    a log line with validation losses: `--resume` ends with the uninterrupted run's files."""
+    root, _, cache = klein
+    (tmp_path / "previews.jsonl").write_text(json.dumps(dict(prompt="p", references=[str(root / "data/img/ref0.png")])) + "\n")
+    val = small_cache(cache, tmp_path / "val")
+    argv = lambda out, *extra: ["--model", str(root), "--data", str(cache), "--out", str(out), "--steps", "3", "--save-every", "2",
+                                "--rank", "2", "--lr", "2e-3", "--val-data", str(val), "--val-every", "2",
+                                "--sample-file", str(tmp_path / "previews.jsonl"), "--sample-every", "2", *extra]  # fmt: skip
+    assert killed_at(("none", None), lambda: train.main(argv(tmp_path / "reference"))) == 0
+    points = [("step_000000.png", "renamed"), ("step_000002.png", "written"), ("step_000002.png", "renamed"),
+              ("loss.png", "written"), ("loss.png", "renamed"), ("log", 2)]  # fmt: skip
+    for k, point in enumerate(points):
+        out = tmp_path / f"kill{k}"
+        assert killed_at(point, lambda: train.main(argv(out))) == -signal.SIGKILL, point
+        train.main(argv(out, "--resume"))
+        same_run(tmp_path / "reference", out)
