@@ -116,14 +116,20 @@ def read_manifest(path, skip_bad=False):
             errors.append(f"{path} line {line}: {problem}")
         else:
             examples.append(Example(line=line, **fields))
-    if errors and not skip_bad:
-        head = [] if len(errors) == 1 else [f"{len(errors)} bad lines in {path} (--skip-bad skips them):"]
-        raise ManifestError("\n".join(head + errors))
-    if errors:
-        print(f"skipped {len(errors)} bad line(s) of {path}; the first: {errors[0]}", file=sys.stderr)
+    report_bad(errors, path, skip_bad, "lines", "line(s)")
     if not examples:
         raise ManifestError(f"{path} has no usable examples")
     return examples
+
+
+def report_bad(errors, source, skip_bad, plural, counted):
+    """Bad entries of a source, each named by where it is: one ManifestError listing them ("3 bad
+    {plural} in ..."), or with skip_bad their count ("skipped 3 bad {counted} of ...") and the first."""
+    if errors and not skip_bad:
+        head = [] if len(errors) == 1 else [f"{len(errors)} bad {plural} in {source} (--skip-bad skips them):"]
+        raise ManifestError("\n".join(head + errors))
+    if errors:
+        print(f"skipped {len(errors)} bad {counted} of {source}; the first: {errors[0]}", file=sys.stderr)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -40,12 +40,11 @@ May import: files, data; datasets (the hf layout only).
 import io
 import json
 import os
-import sys
 import tempfile
 
 from PIL import Image
 
-from data import ManifestError, check_image
+from data import ManifestError, check_image, report_bad
 from files import ArgumentParser, check_file, check_writable, fail, write_atomic
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")  # ai-toolkit's image_extensions / img_ext_list
@@ -238,11 +237,7 @@ def manifest_lines(entries, source, task=None, skip_bad=False):
             errors.append(f"{where}: {problem}")
             continue
         records.append(record | dict(task=task or infer_task(record["target"], record["references"])))
-    if errors and not skip_bad:
-        head = [] if len(errors) == 1 else [f"{len(errors)} bad entries in {source} (--skip-bad skips them):"]
-        raise ManifestError("\n".join(head + errors))
-    if errors:
-        print(f"skipped {len(errors)} bad entr{'y' if len(errors) == 1 else 'ies'} of {source}; the first: {errors[0]}", file=sys.stderr)
+    report_bad(errors, source, skip_bad, "entries", "entry" if len(errors) == 1 else "entries")
     if not records:
         raise ManifestError(f"{source} has no usable examples")
     return records
