@@ -6,12 +6,16 @@
     python bench.py --per-image      # many images per reference set, a section of BENCHMARKS.md (bench_per_image.py)
     python bench.py --attention-cost # the attention selector's scoring pass, a section (bench_attention.py)
     python bench.py --memory         # the GPU memory plan from shapes, a section (memory_plan.py)
+    python bench.py --many-refs      # 4 and 16 references at 384 px beside RefRoute's and klein-9b-kv's figures, a section
+    python gpu_check.py              # on a GPU: checks, speed and memory at klein's real shapes (GPU.md)
 
 For 1, 2, 4 and 6 references and keep fractions 1, 0.25, 0.1, 0.05 it times the transformer forward
 and a 4-step sampling loop, without and with the reference KV cache, on random weights (speed does
 not depend on the weights). "Dense" is keep 1 without a cache. Each point reports its speedup over
 dense, the FLOP-ideal speedup (matmul and attention FLOPs of exactly the tokens processed) and the
-efficiency = measured / ideal.
+efficiency = measured / ideal. Every timed forward calls the model as the sampling loop does (the
+RoPE table computed once per run, t in the model's dtype; point_jobs), so a compiled model meets the
+loop's three graphs and no other (gpu_check.py times klein-4B compiled through the same jobs).
 
 The default config fits a 2-core CPU and keeps klein-4B's balance of attention to matmul work at
 1024 px: per block attention / linear FLOPs = 4 L^2 D / (26 L D^2) = 2 L / (13 D), so 512 px images
@@ -19,8 +23,8 @@ The default config fits a 2-core CPU and keeps klein-4B's balance of attention t
 hidden 3072 (6 refs: 1.54 vs 1.46). Heads stay 128 wide (6 of them); 1 double and 2 single blocks
 (both kinds, few enough to be quick); context_dim 768 since the text projection is a small cost.
 
-This file: the main speed table, its report and plot, the memory-plan check and the command line;
-bench_measure.py holds the FLOP model and the measuring every section shares.
+This file: the main speed table, its report and plot, the --many-refs section, the memory-plan check
+and the command line; bench_measure.py holds the FLOP model and the measuring every section shares.
 May import: bench_measure, bench_per_image, bench_attention, memory_plan, files, klein, model, pipeline.
 """
 
@@ -231,7 +235,7 @@ def write_markdown(path, rows, dense, args, cfg, device, dtype, command, load, m
         f"Every job runs once per round, dense and sparse interleaved (order reversed on odd rounds), "
         f"{args.rounds} rounds after a warm-up; each time is the minimum over rounds, since other work only "
         "adds time, and each speedup is the ratio of two such minima from this run to dense (keep 1, no cache, "
-        "same number of references). fwd: one forward (KV rows: a cached step; extract ms: the step-0 forward "
+        "same number of references). fwd: one step's forward (KV rows: a cached step; extract ms: the step-0 forward "
         "that fills the cache). 4-step: the sampling loop (KV: step 0 extracts the reference K/V, steps 1-3 "
         "reuse them). ideal = dense FLOPs / point FLOPs (matmuls plus QK^T and PV of exactly the tokens "
         f"processed; elementwise work ignored); eff = speedup / ideal. Peak memory: {notes}",

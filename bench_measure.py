@@ -3,7 +3,7 @@ bench_attention.py, memory plan check): the bench config and its random-weight m
 twin of it), the FLOP ideal of a forward and of a sampling loop, timing as the best of interleaved
 rounds, the peak bytes a call allocates, the machine's name.
 
-May import: model, pipeline; diffusers only when asked (build_diffusers). No other bench file.
+May import: model, pipeline, quant; diffusers only when asked (build_diffusers). No other bench file.
 """
 
 import contextlib
@@ -16,6 +16,7 @@ import torch
 
 from model import Flux2, Flux2Config
 from pipeline import synchronize
+from quant import BLOCKS, FORMATS, Linear8
 
 STEPS = 4  # every sampling loop timed (klein's distilled default)
 
@@ -71,14 +72,35 @@ def loop_flops(cfg, n_txt, n_img, n_ref, kv, steps=STEPS):
 # Random-weight models, timing and memory
 
 
-def build_model(cfg, device, dtype, seed=0):
-    """Random weights without the slow default init: build on meta, allocate, fill once."""
+def build_model(cfg, device, dtype, seed=0, weights=None):
+    """Random weights without the slow default init: build on meta, allocate on device, fill once (no
+    copy passes through host memory: klein-9B's 16.9 GiB go straight to the GPU).
+
+    weights "int8" or "fp8": the blocks' Linears are quant.Linear8, as quant.from_pretrained lays them
+    out, holding random 8-bit values uniform over the format's range and one row scale that gives the
+    weight the 16-bit layers' spread (in^-1/2).
+    """
     with torch.device("meta"):
         model = Flux2(cfg).to(dtype)
+        if weights:
+            for name, m in list(model.named_modules()):
+                if isinstance(m, torch.nn.Linear) and name.startswith(BLOCKS):
+                    model.set_submodule(name, Linear8(m.in_features, m.out_features, weights))
     model = model.to_empty(device=device)
     g = torch.Generator(device).manual_seed(seed)
     with torch.no_grad():
+        eight_bit = [m for m in model.modules() if isinstance(m, Linear8)]
+        for m in eight_bit:  # one layer at a time: at most one float32 temporary of its size (fp8)
+            top = FORMATS[weights][1]
+            if weights == "int8":
+                m.weight.copy_(torch.randint(-127, 128, m.weight.shape, generator=g, device=device, dtype=torch.int8))
+            else:
+                m.weight.copy_(torch.rand(m.weight.shape, generator=g, device=device).mul_(2 * top).sub_(top))
+            m.weight_scale.fill_((3 / m.in_features) ** 0.5 / top)  # uniform(-a, a) has std a / sqrt(3)
+        skip = {id(m.weight) for m in eight_bit}
         for p in model.parameters():
+            if id(p) in skip:
+                continue
             if p.ndim == 1:
                 p.fill_(1.0)  # RMSNorm scales
             else:
@@ -109,7 +131,7 @@ def build_diffusers(model):
 def reuse_freed_memory():
     """Have glibc malloc keep and reuse freed memory; True when it took effect.
 
-    By default glibc mmaps each allocation above its threshold (128 KB, rising to at most 32 MB) and
+    By default glibc mmaps each allocation above its threshold (128 KiB, rising to at most 32 MiB) and
     unmaps it on free, so every large tensor is page-faulted in afresh; on this VM that costs more than
     an elementwise op itself (70 ms vs 16 ms for 17.7M floats), a cost per token that is not the
     model's. Caching allocators (CUDA's, jemalloc, tcmalloc) avoid it the same way.

@@ -9,7 +9,9 @@ scores never exist on a GPU. So the plan follows the code as it is (gradient che
 cache, LoRA), not a hand-written formula; on a CPU it equals the peak the profiler measures for the same
 run (bench.py checks this on a small config).
 
-Not counted: kernel workspaces (cuBLAS, a few MB), the CUDA context (~0.5 GB), allocator fragmentation.
+Not counted: kernel workspaces (cuBLAS, a few MiB), the CUDA context (~0.5 GiB), allocator fragmentation.
+
+Every size is in GiB (2^30 bytes), the unit cards are sold in: a "24 GB" card holds about 24 GiB.
 
 May import: model, lora, pipeline, quant, token_selectors.
 """
@@ -28,7 +30,7 @@ from model import Flux2, KVCache
 from quant import BLOCKS
 from klein import grid_ids, n_keep, text_ids
 
-GB = 1024**3
+GIB = 2**30  # every report's unit of bytes (MiB = 2**20 for small ones)
 
 
 class LiveBytes(TorchDispatchMode):
@@ -170,33 +172,44 @@ def kv_cache_bytes(cfg, n_ref, dtype_bytes=2):
     return 2 * (cfg.depth + cfg.depth_single) * n_ref * cfg.hidden_size * dtype_bytes
 
 
-def plan_rows(configs, sides=(512, 1024), refs=(1, 6), keeps=(1.0, 0.1), n_txt=512, rank=16):
-    """One row per (config, side, references, keep): weights, KV cache and activation GB for sampling
-    and training, and which card sizes each fits."""
+def dequantized_bytes(cfg):
+    """What an 8-bit model holds on top of its weights while a Linear runs: quant.dequantize casts one
+    weight to bf16 and multiplies it by its row scales, so two bf16 copies of it live for a moment (the
+    profiler measures 1.8-2x on a CPU); the largest block Linear's two."""
+    with torch.device("meta"):
+        return 2 * 2 * max(m.weight.numel() for n, m in Flux2(cfg).named_modules() if isinstance(m, torch.nn.Linear) and n.startswith(BLOCKS))
+
+
+PLAN_POINTS = {1: (1.0, 0.1), 6: (1.0, 0.1), 16: (1.0, 0.1, 0.0625)}  # references: keep fractions (1/16: RefRoute's 256 tokens)
+
+
+def plan_rows(configs, sides=(512, 1024), points=PLAN_POINTS, n_txt=512, rank=16):
+    """One row per (config, side, references, keep), points {references: keeps}: weights, KV cache and
+    activation GiB for sampling and training, and which card sizes each fits."""
     rows = []
     for name, cfg in configs.items():
-        w16, w8 = weight_bytes(cfg, 16) / GB, weight_bytes(cfg, 8) / GB
-        lora16 = (weight_bytes(cfg, 16, rank) - weight_bytes(cfg, 16)) / GB
-        # an 8-bit Linear dequantizes one weight at a time: the largest one, in bf16, on top
-        with torch.device("meta"):
-            largest = max(m.weight.numel() for n, m in Flux2(cfg).named_modules() if isinstance(m, torch.nn.Linear) and n.startswith(BLOCKS)) * 2 / GB
+        w16, w8 = weight_bytes(cfg, 16) / GIB, weight_bytes(cfg, 8) / GIB
+        lora16 = (weight_bytes(cfg, 16, rank) - weight_bytes(cfg, 16)) / GIB
+        largest = dequantized_bytes(cfg) / GIB
         for side in sides:
             n_img = (side // 16) ** 2
-            for n_refs in refs:
+            for n_refs, keeps in points.items():
                 for keep in keeps:
                     n_ref = n_refs * n_keep(keep, n_img)
                     row = dict(config=name, side=side, refs=n_refs, keep=keep, ref_tokens=n_ref, weights16=w16, weights8=w8 + largest,
-                               kv=kv_cache_bytes(cfg, n_ref) / GB, lora=lora16)  # fmt: skip
-                    row["sample"] = activation_peak(cfg, n_txt, n_img, n_ref) / GB
-                    row["sample_kv"] = activation_peak(cfg, n_txt, n_img, n_ref, kv=True) / GB
-                    row["train"] = activation_peak(cfg, n_txt, n_img, n_ref, train=True, rank=rank) / GB
-                    row["train_ckpt"] = activation_peak(cfg, n_txt, n_img, n_ref, train=True, checkpointing=True, rank=rank) / GB
+                               kv=kv_cache_bytes(cfg, n_ref) / GIB, lora=lora16)  # fmt: skip
+                    row["sample"] = activation_peak(cfg, n_txt, n_img, n_ref) / GIB
+                    row["sample_kv"] = activation_peak(cfg, n_txt, n_img, n_ref, kv=True) / GIB
+                    row["train"] = activation_peak(cfg, n_txt, n_img, n_ref, train=True, rank=rank) / GIB
+                    row["train_ckpt"] = activation_peak(cfg, n_txt, n_img, n_ref, train=True, checkpointing=True, rank=rank) / GIB
                     rows.append(row)
     return rows
 
 
 def fits(total):
-    return next((f"{c} GB" for c in (16, 24, 40, 80) if total <= c * 0.95), "> 80 GB")  # 5% for context and fragments
+    """The smallest card (16/24/40/80 GiB) that holds `total` GiB with 5% kept free for the CUDA context
+    and fragments."""
+    return next((f"{c} GiB" for c in (16, 24, 40, 80) if total <= c * 0.95), "> 80 GiB")
 
 
 MEMORY_HEADING = "## Memory plan: GPU memory from shapes"
@@ -210,12 +223,14 @@ def memory_section(rows, check, command, n_txt=512):
            "FlashAttention's memory (no L x L scores). Training: a rank-16 float32 LoRA (weights, gradients, AdamW "
            "moments) over frozen weights, one forward and backward. 8-bit (`--weights fp8|int8`): one byte per block "
            "Linear weight and a float32 scale per output row, the rest bf16, plus the largest Linear dequantized to bf16 "
-           "during its matmul.",
+           "during its matmul (twice: quant.dequantize's cast and its scaled product).",
            f"- checked against the profiler's measured peak of the same step run on this CPU ({check}).",
-           "- the smallest card (16/24/40/80 GB, 5% kept free) that holds weights + cache + activations; the CUDA "
-           "context and kernel workspaces (~0.5-1 GB) come on top.", "",
-           "| config | px | refs | keep | ref tokens | weights GB bf16 / 8-bit | KV cache GB | sample GB (act.) | sample, KV cache GB (act. + cache) | "
-           "train GB (act. + LoRA state) | train, checkpointing GB | sample fits (bf16 / 8-bit) | train+ckpt fits (bf16 / 8-bit) |",
+           "- every size in GiB (2^30 bytes; cards are sold in it: a \"24 GB\" card holds about 24 GiB). Fits: the "
+           "smallest card (16/24/40/80 GiB, 5% kept free) that holds weights + cache + activations; the CUDA context and "
+           "kernel workspaces (~0.5-1 GiB) come on top. keep 0.0625 = 1/16: 256 of a 1024 px reference's 4096 tokens, "
+           "RefRoute's budget per reference.", "",
+           "| config | px | refs | keep | ref tokens | weights GiB bf16 / 8-bit | KV cache GiB | sample GiB (act.) | sample, KV cache GiB (act. + cache) | "
+           "train GiB (act. + LoRA state) | train, checkpointing GiB | sample fits (bf16 / 8-bit) | train+ckpt fits (bf16 / 8-bit) |",
            "|" + "---|" * 13]  # fmt: skip
     for r in rows:
         sample = max(r["sample"], r["sample_kv"])  # sample_kv's peak holds its cache

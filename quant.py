@@ -1,11 +1,11 @@
-"""Weight-only 8-bit Linears: klein-9B's 18 GB of bf16 weights in about 9.4 GB.
+"""Weight-only 8-bit Linears: klein-9B's 16.9 GiB of bf16 weights in about 8.8 GiB.
 
 `Linear8` stores an 8-bit weight (int8 or float8_e4m3fn) and one float32 scale per output row,
 W = weight * weight_scale[:, None]. Each call dequantizes that one layer's weight to the activations'
 dtype for its matmul (and again in backward), so the model never holds a 16-bit copy of itself.
 Activations, norms, the LoRA and the Linears outside the blocks keep the model's dtype.
 
-BFL's fp8 single files (FLUX.2-klein-4b-fp8/flux-2-klein-4b-fp8.safetensors, 4.07 GB; -9b-fp8,
+BFL's fp8 single files (FLUX.2-klein-4b-fp8/flux-2-klein-4b-fp8.safetensors, 3.79 GiB; -9b-fp8,
 -base-4b-fp8, -base-9b-fp8, -9b-kv-fp8), as public sources describe them:
   - the names of BFL's bf16 single files (optionally prefixed `model.diffusion_model.`);
   - every Linear of the double and single blocks (img/txt_attn.qkv and .proj, img/txt_mlp.0 and .2,
@@ -14,7 +14,7 @@ BFL's fp8 single files (FLUX.2-klein-4b-fp8/flux-2-klein-4b-fp8.safetensors, 4.0
     sgl-project/sglang#38514, whose "split to_q/to_k/to_v" are the names after its own conversion;
     the fp8 layers qkv, proj, linear1, linear2, img_mlp, txt_mlp: shootthesound/comfyUI-Realtime-Lora#44).
     That is 149 + 2 x 80 = 309 tensors, the count a public MLX conversion of the 4B file reports (split
-    q, k, v would make 369), and 3.68B fp8 + 0.20B bf16 parameters = 4.07 GB, the file's size.
+    q, k, v would make 369), and 3.68B fp8 + 0.20B bf16 parameters = 3.79 GiB, the file's size.
   - W = weight * weight_scale (ComfyUI QUANTIZATION.md; leejet/stable-diffusion.cpp#1898). ComfyUI
     writes one 0-d scale per tensor; diffusers 0.42.1 reads BFL's `fp8r` checkpoints with one scale
     per row, shape (out,) (diffusers/quantizers/bfl, BFLQuantizationConfig). Which one the klein

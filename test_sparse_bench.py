@@ -1,5 +1,5 @@
-"""bench.py and its sections (bench_measure, bench_per_image, bench_attention): the smoke run reports
-every point; the FLOP ideal counts exactly the work done."""
+"""bench.py and its sections (bench_measure, bench_per_image, bench_attention, --many-refs): the smoke run
+reports every point; the FLOP ideal counts exactly the work done."""
 
 import os
 import subprocess
@@ -127,6 +127,8 @@ def test_end_to_end_per_image_times_every_run(monkeypatch):
     (["--memory", "--refs", "2"], "--refs"), (["--memory", "--config", "klein-4b"], "--config"),
     (["--memory", "--per-image"], "--per-image"), (["--memory", "--out-png", "{d}/x.png"], "--out-png"),
     (["--attention-cost", "--per-image"], "--attention-cost"), (["--attention-cost", "--refs", "2"], "--refs"),
+    (["--many-refs", "--refs", "2"], "--refs"), (["--many-refs", "--per-image"], "--many-refs"),
+    (["--many-refs", "--out-png", "{d}/x.png"], "--out-png"),
 ])  # fmt: skip
 def test_bad_options(tmp_path, capsys, monkeypatch, args, message):
     """One `error:` line naming the option, a non-zero exit, nothing written, before any model is built."""
@@ -189,3 +191,40 @@ def test_attention_cost_quick_writes_its_section(tmp_path):
     assert "## Another section\n\nkept" in text and text.count(bench_attention.ATTENTION_HEADING) == 1
     rows = [line for line in text.splitlines() if line.startswith("| scoring") or line.startswith("| speedup")]
     assert len(rows) == 4 and all(float(r.split("|")[3].strip().rstrip("x")) > 0 for r in rows)
+
+
+def test_quick_many_refs_section(tmp_path):
+    """--many-refs --quick: its own section, every point of 4 and 16 references, and the published speedups
+    beside the FLOP ideal of the same tokens at klein-9B's shapes (bench_measure.loop_flops)."""
+    md = tmp_path / "B.md"
+    md.write_text("# Sparse Context benchmark\n\n## Another section\n\nkept\n")
+    bench.main(["--many-refs", "--quick", "--out-md", str(md)])
+    text = md.read_text()
+    assert "## Another section\n\nkept" in text and text.count(bench.MANY_HEADING) == 1
+    for refs in bench.MANY_REFS:
+        for keep in bench.MANY_KEEPS:
+            for cache in ("none", "kv"):
+                assert f"| {refs} | {keep:g} | {refs * n_keep(keep, 16)} | {cache} |" in text
+    k9 = Flux2Config.from_name("klein-9b")
+    ideal = lambda refs, keep, kv, steps: (loop_flops(k9, 512, 4096, refs * 4096, False, steps)
+                                           / loop_flops(k9, 512, 4096, refs * n_keep(keep, 4096), kv, steps))  # fmt: skip
+    assert "| 4 | 14.2x | " in text and f"keep 1/16 (the same 256 tokens a reference): {ideal(16, 1 / 16, False, 4):.1f}x" in text
+    assert "| 50 | 18.3x | " in text and f"+ KV cache: {ideal(16, 1 / 16, True, 50):.1f}x" in text
+    assert "| 1.85-2.66x | " in text and f"keep 1 + KV cache: {ideal(4, 1.0, True, 4):.2f}x" in text
+    assert "not in this run" not in text  # the measured ratios beside them come from this run
+
+
+def test_8bit_random_model_is_the_planned_layout():
+    """build_model(weights=...) lays out quant.Linear8 blocks as quant.from_pretrained does: the bytes the
+    memory plan counts, weights of the 16-bit layers' spread."""
+    from memory_plan import weight_bytes
+    from quant import Linear8, dequantize
+
+    cfg = Flux2Config(in_channels=16, hidden_size=128, num_heads=2, depth=1, depth_single=2, context_dim=32, axes_dim=(16, 16, 16, 16))
+    for kind in ("int8", "fp8"):
+        model = bench_measure.build_model(cfg, torch.device("cpu"), torch.bfloat16, weights=kind)
+        layers = [m for n, m in model.named_modules() if isinstance(m, Linear8)]
+        assert len(layers) == 8 + 2 * 2  # a double block: 2 streams x (qkv, proj, 2 MLP); a single one: linear1, linear2
+        assert sum(t.numel() * t.element_size() for t in model.state_dict().values()) == weight_bytes(cfg, 8)
+        std = dequantize(layers[0].weight, layers[0].weight_scale, torch.float32).std().item()
+        assert abs(std * layers[0].in_features**0.5 - 1) < 0.05, (kind, std)

@@ -321,7 +321,7 @@ def parse_args(argv=None):
                    help="a frozen 8-bit base: the block Linears in fp8 or int8, dequantized per matmul (default: bf16 on GPU)")
     p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=True,
                    help="recompute each block's activations in backward: memory for one block's activations, not all "
-                        "(a dense step with six 1024 px references needs it on a 24-80 GB card)")  # fmt: skip
+                        "(a dense step with six 1024 px references needs it on a 24-80 GiB card)")  # fmt: skip
     p.add_argument("--dist-timeout", type=int, default=DIST_TIMEOUT_MINUTES,
                    help="minutes any torchrun collective may wait, the others' wait while process 0 caches a manifest included")
     p.add_argument("--save-every", type=int, default=250, help="write checkpoint and LoRA every this many steps")

@@ -28,7 +28,7 @@ kill) is not drawn again. The seconds each hook took are logged (val_seconds, sa
 
 Memory: the preview prompts and references are encoded once, before the transformer loads (the text
 encoder, 8B parameters for klein-9B, is loaded and freed then, as data.py's caching does). The VAE
-(84M parameters, 0.17 GB in bf16, next to the 9B transformer's 18 GB) stays loaded on process 0 to decode
+(84M parameters, 0.16 GiB in bf16, next to the 9B transformer's 16.9 GiB) stays loaded on process 0 to decode
 every sheet: loading it again for each sheet would cost seconds of disk reads for nothing.
 
 May import: train (its example and loss machinery), train_run, data, files, klein, pipeline, vae, token_selectors.
