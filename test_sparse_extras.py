@@ -262,8 +262,8 @@ def test_validation_sigmas_are_training_quantiles():
     """The 4 fixed sigmas split training's shifted logit-normal draws into 8 equal parts (every other edge)."""
     for tokens in (16, 4096):
         draws = torch.tensor([train.sample_sigma(train.generator("q", k), tokens) for k in range(8000)])
-        below = [(draws < s).float().mean().item() for s in train_extras.validation_sigmas(tokens)]
-        assert np.allclose(below, train_extras.VAL_QUANTILES, atol=0.015), below
+        below = [(draws < s).float().mean().item() for s in train.validation_sigmas(tokens)]
+        assert np.allclose(below, train.VAL_QUANTILES, atol=0.015), below
 
 
 def test_validation_loss_is_fixed_and_shards_exactly(klein, monkeypatch):
@@ -274,17 +274,17 @@ def test_validation_loss_is_fixed_and_shards_exactly(klein, monkeypatch):
     data = CachedDataset(str(cache))
     model = Flux2.from_pretrained(str(root))
     cpu = torch.device("cpu")
-    one = train_extras.validation_losses(model, data, 0.1, 2, False, 0, 1, cpu)
-    assert one == train_extras.validation_losses(model, data, 0.1, 2, False, 0, 1, cpu) and one[0] != one[1]
+    one = train.validation_losses(model, data, 0.1, 2, False, 0, 1, cpu)
+    assert one == train.validation_losses(model, data, 0.1, 2, False, 0, 1, cpu) and one[0] != one[1]
     item = data[0]
-    dense, sparse = (train_extras.validation_example(item, 0, 1, k) for k in (None, [0.1, 0.1]))
-    sigma = torch.tensor(train_extras.validation_sigmas(16)[1])  # item 0: a 4 x 4 target
+    dense, sparse = (train.validation_example(item, 0, 1, k) for k in (None, [0.1, 0.1]))
+    sigma = torch.tensor(train.validation_sigmas(16)[1])  # item 0: a 4 x 4 target
     assert torch.equal(dense["noise"], sparse["noise"]) and torch.equal(dense["s"], sigma) and torch.equal(sparse["s"], sigma)
     assert sparse["ref"].shape[0] == sum(n_keep(0.1, r.shape[1] * r.shape[2]) for r in item["refs"]) < dense["ref"].shape[0]
     tables = []
-    monkeypatch.setattr(train_extras.dist, "all_reduce", lambda t: tables.append(t.clone()))
+    monkeypatch.setattr(train.dist, "all_reduce", lambda t: tables.append(t.clone()))
     for rank in (0, 1):
-        train_extras.validation_losses(model, data, 0.1, 2, False, rank, 2, cpu)
+        train.validation_losses(model, data, 0.1, 2, False, rank, 2, cpu)
     assert ((tables[0] != 0) ^ (tables[1] != 0)).all()  # every entry computed once
     total = tables[0] + tables[1]
     assert (total[..., 0].mean().item(), total[..., 1].mean().item()) == one

@@ -14,10 +14,10 @@ left behind); --resume drops the log lines after the checkpoint's step, and a li
 The first non-finite loss or gradient stops the run with an error naming the step, before the update.
 
 This file reads top to bottom: the keyed draws and the training example, the loss, the step and the
-loop (`train`), the command line. train_run.py holds the run management the loop calls: torchrun's
-processes, the checks of --out and the checkpoint, saving and resuming. train_extras.py holds what the
-loop calls beside training, as hooks after every step: a validation loss (--val-data), preview sheets
-(--sample-file) and the loss plot.
+loop (`train`), the command line. The loop calls hooks after every step: the validation loss
+(--val-data; here, made of the same example and loss as training) and, from train_extras.py, preview
+sheets (--sample-file) and the loss plot. train_run.py holds the run management the loop calls:
+torchrun's processes, the checks of --out and the checkpoint, saving and resuming.
 
 One step takes a global batch of G = batch_size x grad_accum x processes examples:
   - step n draws from a generator seeded by (seed, n, "keep") whether its examples keep every
@@ -55,6 +55,8 @@ import argparse
 import hashlib
 import math
 import os
+import time
+from statistics import NormalDist
 
 import torch
 import torch.distributed as dist
@@ -172,6 +174,95 @@ def epoch_batches(buckets, size, seed, epoch):
 
 
 # ----------------------------------------------------------------------------------------------
+# Validation (--val-data) and the hooks the loop calls (train_extras.py: options, previews, the loss plot)
+
+VAL_QUANTILES = (0.125, 0.375, 0.625, 0.875)  # of training's sigma distribution: the validation sigmas
+
+
+
+
+def make_hooks(args, cfg, rank, world, device):
+    """The hooks the options ask for, built before the transformer loads: [Validation, Previews (process 0),
+    LossPlot (process 0, with --val-data)]."""
+    out = []
+    if args.val_data is not None:
+        val = open_data(args, rank, world, device, args.val_data, "val-cache")
+        check_fits(val, cfg, "--val-data")
+        out.append(Validation(val, args, rank, world, device))
+    if args.sample_file is not None and rank == 0:
+        out.append(train_extras.Previews(args, device))
+    if args.val_data is not None and rank == 0:
+        out.append(train_extras.LossPlot(args.out, args.steps, args.val_keep))
+    return out
+
+
+
+
+class Validation:
+    """The validation loss, dense and at --val-keep, every --val-every steps (and at step 0 and the last)."""
+
+    def __init__(self, data, args, rank, world, device):
+        self.data, self.args, self.rank, self.world, self.device = data, args, rank, world, device
+
+    def __call__(self, record, model):
+        if not train_extras.is_due(record["step"], self.args.val_every, self.args.steps):
+            return {}
+        start = time.perf_counter()
+        dense, sparse = validation_losses(model, self.data, self.args.val_keep, self.args.batch_size, self.args.kv,
+                                          self.rank, self.world, self.device)  # fmt: skip
+        if self.rank == 0:
+            tqdm.write(f"step {record['step']}: validation loss {dense:.5f} dense, {sparse:.5f} at keep {self.args.val_keep}")
+        return dict(val_dense=dense, val_sparse=sparse, val_seconds=round(time.perf_counter() - start, 3))
+
+
+def validation_sigmas(num_tokens):
+    """The fixed validation sigmas of a target of num_tokens tokens: training's (logit-normal, then
+    klein's shift) at the midpoints of its quartiles."""
+    return [shift_sigma(1 / (1 + math.exp(-NormalDist().inv_cdf(q))), num_tokens) for q in VAL_QUANTILES]
+
+
+def validation_example(item, i, j, keeps):
+    """Example i at fixed sigma j: noise and kept tokens from the generator ("val", i, j), whatever the step or seed."""
+    example = training_example(item, generator("val", i, j), keeps)
+    h, w = item["target"].shape[1:]
+    return example | dict(s=torch.tensor(validation_sigmas(h * w)[j]), unit=(i, j))
+
+
+def validation_work(data, batch_size):
+    """The forwards of a validation pass: (example, sigma) pairs of one shape (target and reference grids),
+    at most batch_size a forward, in an order that does not depend on the number of processes."""
+    shapes = {}
+    for i, entry in enumerate(data.index):
+        key = (tuple(entry["target"]), tuple(tuple(r) for r in entry["references"]))
+        shapes.setdefault(key, []).extend((i, j) for j in range(len(VAL_QUANTILES)))
+    forwards = []
+    for key in sorted(shapes):
+        forwards += [shapes[key][a : a + batch_size] for a in range(0, len(shapes[key]), batch_size)]
+    return forwards
+
+
+@torch.no_grad()
+def validation_losses(model, data, keep, batch_size, kv, rank, world, device):
+    """(dense, sparse) mean flow-matching loss over every example of data and every validation sigma; this
+    process runs forwards rank, rank + world, ...; the result is the same for any world (module docstring)."""
+    table = torch.zeros(len(data), len(VAL_QUANTILES), 2, dtype=torch.float64)
+    for forward in validation_work(data, batch_size)[rank::world]:
+        items = {i: data[i] for i in dict.fromkeys(i for i, _ in forward)}
+        for v in (0, 1):  # dense, sparse
+            examples = [validation_example(items[i], i, j, None if v == 0 else [keep] * len(items[i]["refs"])) for i, j in forward]
+            for group in forward_groups(examples, batch_size):
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                    losses = flow_matching_loss(model, group, kv, device)
+                for e, loss in zip(group, losses.tolist()):
+                    table[e["unit"]][v] = loss
+    if world > 1:  # every entry was computed by one process and is zero elsewhere: the sum is exact
+        table = table.to(device)
+        dist.all_reduce(table)
+        table = table.cpu()
+    return table[..., 0].mean().item(), table[..., 1].mean().item()
+
+
+# ----------------------------------------------------------------------------------------------
 # The step and the loop
 
 
@@ -238,7 +329,7 @@ def train(args, rank, world, device):
     cfg, run, state = checked
     train_extras.check_files(args)  # --val-data, --sample-file: read and checked before any model loads
     data = check_fits(open_data(args, rank, world, device), cfg)
-    hooks = train_extras.hooks(args, cfg, rank, world, device)  # validation, previews, loss plot: before the transformer
+    hooks = make_hooks(args, cfg, rank, world, device)  # validation, previews, loss plot: before the transformer
     model, params, opt = lora_model(args, device)
     start = resume(args.out, state, model, opt, rank)
     del state

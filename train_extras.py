@@ -31,22 +31,19 @@ encoder, 8B parameters for klein-9B, is loaded and freed then, as data.py's cach
 (84M parameters, 0.16 GiB in bf16, next to the 9B transformer's 16.9 GiB) stays loaded on process 0 to decode
 every sheet: loading it again for each sheet would cost seconds of disk reads for nothing.
 
-May import: train (its example and loss machinery), train_run, data, files, klein, pipeline, vae, token_selectors.
+May import: train_run, data, files, klein, pipeline, vae, token_selectors. Not train.py, which imports this file:
+the validation loss, made of train.py's own example and loss, lives there (train.validation_losses).
 """
 
 import json
-import math
 import os
 import sys
 import time
-from statistics import NormalDist
 
 import torch
-import torch.distributed as dist
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-import train
 from data import CachedDataset, check_image, read_manifest
 from files import check_file, remove_stale_temps, write_atomic
 from klein import MAX_STEPS
@@ -62,10 +59,9 @@ from pipeline import (
     sampling_defaults,
 )
 from token_selectors import Selector, draw_selection
-from train_run import LOG, MAX_OPTIMIZER_STEPS, open_data, read_log
+from train_run import LOG, MAX_OPTIMIZER_STEPS, read_log
 from vae import AutoEncoder
 
-VAL_QUANTILES = (0.125, 0.375, 0.625, 0.875)  # of training's sigma distribution: the validation sigmas
 SELECTORS = {"edit": "canny", "subject": "saliency"}  # sample.py's --task rule
 SAMPLE_FIELDS = {"prompt": str, "references": list, "seed": int, "task": str}
 SHEETS, PLOT = "samples", "loss.png"
@@ -182,91 +178,12 @@ def sample_line(text, folder):
     return (None, problem) if problem else (record, None)
 
 
-# ----------------------------------------------------------------------------------------------
 # The hooks
 
 
-def hooks(args, cfg, rank, world, device):
-    """The hooks the options ask for, built before the transformer loads: [Validation, Previews (process 0),
-    LossPlot (process 0, with --val-data)]."""
-    out = []
-    if args.val_data is not None:
-        val = open_data(args, rank, world, device, args.val_data, "val-cache")
-        train.check_fits(val, cfg, "--val-data")
-        out.append(Validation(val, args, rank, world, device))
-    if args.sample_file is not None and rank == 0:
-        out.append(Previews(args, device))
-    if args.val_data is not None and rank == 0:
-        out.append(LossPlot(args.out, args.steps, args.val_keep))
-    return out
-
-
 def is_due(step, every, last):
+    """A hook's step: every `every` steps, step 0 and the last."""
     return step % every == 0 or step == last
-
-
-class Validation:
-    """The validation loss, dense and at --val-keep, every --val-every steps (and at step 0 and the last)."""
-
-    def __init__(self, data, args, rank, world, device):
-        self.data, self.args, self.rank, self.world, self.device = data, args, rank, world, device
-
-    def __call__(self, record, model):
-        if not is_due(record["step"], self.args.val_every, self.args.steps):
-            return {}
-        start = time.perf_counter()
-        dense, sparse = validation_losses(model, self.data, self.args.val_keep, self.args.batch_size, self.args.kv,
-                                          self.rank, self.world, self.device)  # fmt: skip
-        if self.rank == 0:
-            tqdm.write(f"step {record['step']}: validation loss {dense:.5f} dense, {sparse:.5f} at keep {self.args.val_keep}")
-        return dict(val_dense=dense, val_sparse=sparse, val_seconds=round(time.perf_counter() - start, 3))
-
-
-def validation_sigmas(num_tokens):
-    """The fixed validation sigmas of a target of num_tokens tokens: training's (logit-normal, then
-    klein's shift) at the midpoints of its quartiles."""
-    return [train.shift_sigma(1 / (1 + math.exp(-NormalDist().inv_cdf(q))), num_tokens) for q in VAL_QUANTILES]
-
-
-def validation_example(item, i, j, keeps):
-    """Example i at fixed sigma j: noise and kept tokens from the generator ("val", i, j), whatever the step or seed."""
-    example = train.training_example(item, train.generator("val", i, j), keeps)
-    h, w = item["target"].shape[1:]
-    return example | dict(s=torch.tensor(validation_sigmas(h * w)[j]), unit=(i, j))
-
-
-def validation_work(data, batch_size):
-    """The forwards of a validation pass: (example, sigma) pairs of one shape (target and reference grids),
-    at most batch_size a forward, in an order that does not depend on the number of processes."""
-    shapes = {}
-    for i, entry in enumerate(data.index):
-        key = (tuple(entry["target"]), tuple(tuple(r) for r in entry["references"]))
-        shapes.setdefault(key, []).extend((i, j) for j in range(len(VAL_QUANTILES)))
-    forwards = []
-    for key in sorted(shapes):
-        forwards += [shapes[key][a : a + batch_size] for a in range(0, len(shapes[key]), batch_size)]
-    return forwards
-
-
-@torch.no_grad()
-def validation_losses(model, data, keep, batch_size, kv, rank, world, device):
-    """(dense, sparse) mean flow-matching loss over every example of data and every validation sigma; this
-    process runs forwards rank, rank + world, ...; the result is the same for any world (module docstring)."""
-    table = torch.zeros(len(data), len(VAL_QUANTILES), 2, dtype=torch.float64)
-    for forward in validation_work(data, batch_size)[rank::world]:
-        items = {i: data[i] for i in dict.fromkeys(i for i, _ in forward)}
-        for v in (0, 1):  # dense, sparse
-            examples = [validation_example(items[i], i, j, None if v == 0 else [keep] * len(items[i]["refs"])) for i, j in forward]
-            for group in train.forward_groups(examples, batch_size):
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                    losses = train.flow_matching_loss(model, group, kv, device)
-                for e, loss in zip(group, losses.tolist()):
-                    table[e["unit"]][v] = loss
-    if world > 1:  # every entry was computed by one process and is zero elsewhere: the sum is exact
-        table = table.to(device)
-        dist.all_reduce(table)
-        table = table.cpu()
-    return table[..., 0].mean().item(), table[..., 1].mean().item()
 
 
 class Previews:
