@@ -67,14 +67,22 @@ def check_image(path):
     return None
 
 
-def parse_line(text, folder):
-    """(fields, problem): the example's fields with absolute paths, or why the line is bad."""
+def json_object(text):
+    """(object, problem): a JSONL line's object, or why it is not one."""
     try:
         record = json.loads(text)
     except json.JSONDecodeError as e:
         return None, f"bad JSON: {e}"
     if not isinstance(record, dict):
         return None, f"expected a JSON object, got {type(record).__name__}"
+    return record, None
+
+
+def parse_line(text, folder):
+    """(fields, problem): the example's fields with absolute paths, or why the line is bad."""
+    record, problem = json_object(text)
+    if problem:
+        return None, problem
     for name, kind in FIELDS.items():
         if name not in record:
             return None, f"missing field {name!r}"

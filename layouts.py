@@ -44,7 +44,7 @@ import tempfile
 
 from PIL import Image
 
-from data import ManifestError, check_image, report_bad
+from data import ManifestError, check_image, json_object, report_bad
 from files import ArgumentParser, check_file, check_writable, fail, write_atomic
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")  # ai-toolkit's image_extensions / img_ext_list
@@ -110,12 +110,9 @@ def read_musubi(path):
 
 
 def musubi_record(text, folder):
-    try:
-        item = json.loads(text)
-    except json.JSONDecodeError as e:
-        return None, f"bad JSON: {e}"
-    if not isinstance(item, dict):
-        return None, f"expected a JSON object, got {type(item).__name__}"
+    item, problem = json_object(text)
+    if problem:
+        return None, problem
     if "control_path" in item:  # musubi renames it control_path_0
         if "control_path_0" in item:
             return None, "both control_path and control_path_0"

@@ -44,7 +44,7 @@ import torch
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from data import CachedDataset, check_image, read_manifest
+from data import CachedDataset, check_image, json_object, read_manifest
 from files import check_file, remove_stale_temps, write_atomic
 from klein import MAX_STEPS
 from pipeline import (
@@ -152,12 +152,9 @@ def read_sample_file(path):
 
 
 def sample_line(text, folder):
-    try:
-        record = json.loads(text)
-    except json.JSONDecodeError as e:
-        return None, f"bad JSON: {e}"
-    if not isinstance(record, dict):
-        return None, f"expected a JSON object, got {type(record).__name__}"
+    record, problem = json_object(text)
+    if problem:
+        return None, problem
     unknown = sorted(set(record) - set(SAMPLE_FIELDS))
     if unknown:
         return None, f"unknown field(s) {', '.join(map(repr, unknown))}; expected {', '.join(SAMPLE_FIELDS)}"
