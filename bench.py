@@ -536,7 +536,8 @@ def main(argv=None):
     if args.quick:
         log(SMOKE)
     elif device.type == "cpu" and not args.attention_cost:
-        log(f"a full run with the default options takes {FULL_RUN} (--quick: a smoke run of seconds)")
+        took = "about 6 minutes on 2 idle CPU cores" if args.many_refs else FULL_RUN
+        log(f"a full run with the default options takes {took} (--quick: a smoke run of seconds)")
     cfg = bench_config(args.quick) if args.config in ("quick", "bench") else Flux2Config.from_name(args.config)
     if args.attention_cost:
         model = build_model(cfg, device, dtype)

@@ -12,7 +12,8 @@ speed and memory do not depend on their values, so nothing is downloaded.
 What it runs, in order (GPU.md has a section each):
 1. The card: name, memory, NVIDIA driver, torch, CUDA, cuDNN and Triton versions, TF32's state.
 2. Checks, each at the tolerance of the CPU test that proves the same thing (test_sparse_model,
-   test_sparse_sample): fp32 1e-5 and bf16 1e-2 of the largest reference value; 8-bit bitwise.
+   test_sparse_sample): fp32 1e-5 and bf16 1e-2 of the largest reference value (a model's bf16 or TF32
+   output: 1e-2 relative RMS, since its largest value's last bit alone is 0.4-0.8%); 8-bit bitwise.
    - model.sdpa_lse (output and log-sum-exp) and model.cached_attention (fresh and cached keys merged
      by their log-sum-exps; a cache per image and one shared by the batch) against one attention over
      the concatenated keys (float32 math), fp32 and bf16, naming the fused kernel that ran; odd lengths,
@@ -468,7 +469,7 @@ def check_args(args):
 
 
 def main(argv=None):
-    p = ArgumentParser(description=__doc__.partition("\n\n")[0] + " See the module docstring for what runs.")
+    p = ArgumentParser(description=__doc__.partition("\n\nWhat it runs")[0] + "\n\nWhat it runs and how long: the module docstring.")
     p.add_argument("--out", default=None, help="the report (default: GPU.md; bench-quick/GPU.md for a tiny run)")
     p.add_argument("--quick", action="store_true", help="tiny shapes on a GPU too: a smoke run of every path (a CPU always runs them)")
     p.add_argument("--checks-only", action="store_true", help="the correctness checks alone, no speed or memory (default: off)")
