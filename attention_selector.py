@@ -12,12 +12,13 @@ chosen again from the latent at step K. calibrate.py chooses the block, queries 
 May import: klein, model, pipeline, token_selectors. No script.
 """
 
+import math
 import numbers
 from dataclasses import dataclass, replace
 
 import torch
 
-from klein import grid_ids, initial_noise, schedule, text_ids
+from klein import grid_ids, initial_noise, schedule, span, text_ids
 from model import KVCache
 from pipeline import (LATENT_CAUSES, Klein, SampleStats, Scene, Timer, check_finite, decode_latents, denoise, encode_inputs,
                       gather_references, load_references, loaded, output_size, resolve_source, sampling_defaults, sampling_device)  # fmt: skip
@@ -183,7 +184,8 @@ def generate_rescored(model, prompt, refs, rescore_step, seed=0, size=None, step
             scene = Scene(transformer, encoded, txts[prompts[0]], seeds[0], (h, w), sigmas, kv_cache)
             stats.kept = select(images, keeps, scene)
             timer.lap("token scoring")
-            stats.ref_tokens = [(t.shape[1], len(i)) for (t, _), i in zip(encoded, stats.kept)]
+            stats.ref_tokens = [(math.prod(span(im)), len(i)) for im, (t, _), i in zip(images, encoded, stats.kept)]
+            stats.loop = (transformer.cfg, scene.txt.shape[1], h * w, steps)
             segments = [(*gather_references(encoded, stats.kept), sigmas[: K + 1])]  # (ref, ref_ids, sigmas) per segment
             caches = [KVCache() if kv_cache else None]
             img_ids, txt_ids = grid_ids(h, w).to(device), text_ids(scene.txt.shape[1]).to(device)

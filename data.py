@@ -8,10 +8,12 @@ ai-toolkit, musubi-tuner or diffusers' klein scripts read it converts to this ma
 Cache: the VAE latents and text context of every example, so that training holds only the
 transformer (a 4B text encoder and the VAE never sit next to it):
     DIR/index.json                       the examples: files, token grids, task, manifest line
-    DIR/latents/<line>.safetensors       target and ref.0, ref.1, ...: (128, h, w) normalized latents
+    DIR/latents/<line>.safetensors       target and ref.0, ref.1, ...: (128, h, w) normalized latents;
+                                         with --compact S also ref.K.xS: reference K downscaled S times
     DIR/text/<sha1 of prompt>.safetensors  txt: (512, 3 * hidden); equal prompts share one file
 
     python data.py data/train.jsonl --model black-forest-labs/FLUX.2-klein-base-4B --out cache/
+    python data.py data/train.jsonl --model ... --out cache/ --compact 2 3 4   # for train.py --compact
 
 May import: files, pipeline (klein's image preparation), vae, text_encoder. No other script.
 """
@@ -28,11 +30,12 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from tqdm import tqdm
 
-from files import ArgumentParser, check_file, fail, field, load_image, read_json, remove_stale_temps, resolve_device, write_atomic
-from klein import prepare_reference, to_tensor
+from files import ArgumentParser, check_file, check_number, fail, field, load_image, read_json, remove_stale_temps, resolve_device, write_atomic
+from klein import compact_grid, compact_reference, prepare_reference, to_tensor
 
 TASKS = ("edit", "subject")
 MIN_AREA, MAX_AREA = 64 * 64, 8192 * 8192  # klein's smallest reference side is 64 px
+MAX_COMPACT = 64  # a 1024 px reference downscaled 64x is one token
 FIELDS = {"prompt": str, "target": str, "references": list, "task": str}
 
 
@@ -169,7 +172,7 @@ def cached_source(path):
 
 def grids(shapes):
     """Token grids [h, w] of a latents file's {name: (C, h, w)}: the target's, then each reference's."""
-    refs = sorted((k for k in shapes if k.startswith("ref.")), key=lambda k: int(k.split(".")[1]))
+    refs = sorted((k for k in shapes if k.startswith("ref.") and k.count(".") == 1), key=lambda k: int(k.split(".")[1]))
     return list(shapes["target"][1:]), [list(shapes[k][1:]) for k in refs]
 
 
@@ -179,7 +182,7 @@ def check_out_dir(out_dir, flag="--out"):
 
 
 @torch.no_grad()
-def cache_dataset(manifest, vae, text_encoder, out_dir, max_area=1024 * 1024, skip_bad=False, progress=True):
+def cache_dataset(manifest, vae, text_encoder, out_dir, max_area=1024 * 1024, skip_bad=False, progress=True, compact=()):
     """Encode every example once: VAE latents of target and references, text context of the prompt.
 
     Images are prepared like klein's references (klein.prepare_reference: at most max_area pixels,
@@ -187,8 +190,11 @@ def cache_dataset(manifest, vae, text_encoder, out_dir, max_area=1024 * 1024, sk
     Resumable: an example whose latents file exists for the same images and max_area is skipped, and
     so is a prompt already encoded; every file is written atomically, index.json last, so a run
     killed at any instant and run again ends with the same files as an uninterrupted one.
+    compact: factors S; each reference is also encoded downscaled by S (klein.compact_reference) as
+    ref.K.xS, for train.py --compact.
     """
     check_out_dir(out_dir)
+    compact = sorted(set(compact))
     examples = read_manifest(manifest, skip_bad)
     with open(manifest, encoding="utf-8") as f:  # every other non-blank line was bad, and skipped
         bad_lines = sum(1 for text in f if text.strip()) - len(examples)
@@ -197,7 +203,7 @@ def cache_dataset(manifest, vae, text_encoder, out_dir, max_area=1024 * 1024, sk
     index, skipped, encoded, prompts = [], 0, 0, set()
     for ex in tqdm(examples, desc="caching", disable=not progress):
         latents = f"latents/{ex.line:08d}.safetensors"
-        source = json.dumps(dict(target=ex.target, references=ex.references, max_area=max_area))
+        source = json.dumps(dict(target=ex.target, references=ex.references, max_area=max_area) | ({"compact": compact} if compact else {}))
         path = os.path.join(out_dir, latents)
         if cached_source(path) != source:
             try:
@@ -208,6 +214,9 @@ def cache_dataset(manifest, vae, text_encoder, out_dir, max_area=1024 * 1024, sk
                 skipped += 1
                 continue
             names = ["target"] + [f"ref.{k}" for k in range(len(ex.references))]
+            for f in compact:
+                names += [f"ref.{k}.x{f}" for k in range(len(ex.references))]
+                images += [compact_reference(im, f) for im in images[1 : 1 + len(ex.references)]]
             z = {n: vae.encode(to_tensor(im))[0].cpu().contiguous() for n, im in zip(names, images)}  # (128, h, w)
             if not all(torch.isfinite(v).all() for v in z.values()):
                 raise ValueError(f"{manifest} line {ex.line}: the VAE gave non-finite latents (check the VAE weights)")
@@ -221,7 +230,8 @@ def cache_dataset(manifest, vae, text_encoder, out_dir, max_area=1024 * 1024, sk
                 raise ValueError(f"{manifest} line {ex.line}: the text encoder gave non-finite values (check its weights)")
             write_atomic(os.path.join(out_dir, text), {"txt": txt})
         target, refs = grids(header(path)[0])
-        index.append(dict(latents=latents, text=text, target=target, references=refs, task=ex.task, line=ex.line))
+        index.append(dict(latents=latents, text=text, target=target, references=refs, task=ex.task, line=ex.line)
+                     | ({"compact": compact} if compact else {}))
     if skipped:
         print(f"skipped {skipped} example(s) whose images failed to load", file=sys.stderr)
     if not index:
@@ -250,6 +260,9 @@ def check_entry(entry, where):
         raise ValueError(f"{where}: field 'references' must be a non-empty list of token grids [h, w]")
     for r in refs:
         field({"references": r}, "references", where, list)  # positive ints
+    factors = entry.get("compact", [])
+    if not isinstance(factors, list) or not all(isinstance(f, int) and not isinstance(f, bool) and f >= 1 for f in factors):
+        raise ValueError(f"{where}: field 'compact' must be a list of integer factors >= 1")
     if field(entry, "task", where, str) not in TASKS:
         raise ValueError(f"{where}: field 'task' must be one of {', '.join(TASKS)}, got {entry['task']!r}")
     return entry
@@ -257,7 +270,8 @@ def check_entry(entry, where):
 
 class CachedDataset:
     """The examples of a cache folder; item i is a dict of CPU tensors:
-    target (C, h, w), refs [(C, h_k, w_k), ...], txt (L, J), and task.
+    target (C, h, w), refs [(C, h_k, w_k), ...], txt (L, J), and task; in a cache made with --compact
+    also compact {S: [(C, h_k', w_k'), ...]}, each reference downscaled by S.
 
     Opening checks index.json and the header of every file it names (shapes agree with the index and
     with each other), so a damaged cache fails here, before anything is trained or written."""
@@ -277,6 +291,8 @@ class CachedDataset:
             latents, text = (os.path.join(folder, entry[k]) for k in ("latents", "text"))
             shapes, _ = header(latents)
             want = {"target": entry["target"], **{f"ref.{k}": g for k, g in enumerate(entry["references"])}}
+            for f in entry.get("compact", []):
+                want |= {f"ref.{k}.x{f}": list(compact_grid(*g, f)) for k, g in enumerate(entry["references"])}
             if set(shapes) != set(want) or any(len(s) != 3 or list(s[1:]) != want[k] for k, s in shapes.items()):
                 raise ValueError(f"{latents} does not match {path} entry {i}: tensors {shapes}, the index says grids {want}")
             txt = header(text)[0]
@@ -295,7 +311,8 @@ class CachedDataset:
         entry = self.index[i]
         z, txt = (self.load(entry[k]) for k in ("latents", "text"))
         refs = [z[f"ref.{k}"] for k in range(len(entry["references"]))]
-        return dict(target=z["target"], refs=refs, txt=txt["txt"], task=entry["task"])
+        compact = {f: [z[f"ref.{k}.x{f}"] for k in range(len(refs))] for f in entry.get("compact", [])}
+        return dict(target=z["target"], refs=refs, txt=txt["txt"], task=entry["task"]) | ({"compact": compact} if compact else {})
 
     def load(self, name):
         path = os.path.join(self.folder, name)
@@ -331,15 +348,19 @@ def main(argv=None):
     p.add_argument("--max-area", type=int, default=1024 * 1024, help="largest image area in pixels; larger ones are resized")
     p.add_argument("--skip-bad", action="store_true", help="skip bad manifest lines instead of stopping")
     p.add_argument("--device", default=None, help="device for the encoders: cpu, cuda, cuda:N (default: cuda if available, else cpu)")
+    p.add_argument("--compact", type=int, nargs="+", default=[], metavar="S",
+                   help="also encode each reference downscaled by S per side, for train.py --compact (default: none)")
     args = p.parse_args(argv)
     try:
         check_max_area(args.max_area)
-        encode_manifest(args.manifest, args.model, args.out, args.max_area, args.skip_bad, resolve_device(args.device)[0])
+        for f in args.compact:
+            check_number("--compact", f, 2, MAX_COMPACT, integer=True)
+        encode_manifest(args.manifest, args.model, args.out, args.max_area, args.skip_bad, resolve_device(args.device)[0], args.compact)
     except (ValueError, OSError) as e:
         fail(e)
 
 
-def encode_manifest(manifest, model, out_dir, max_area, skip_bad, device):
+def encode_manifest(manifest, model, out_dir, max_area, skip_bad, device, compact=()):
     """Load klein's VAE and text encoder from `model` and cache the manifest with them."""
     from text_encoder import TextEncoder
     from vae import AutoEncoder
@@ -350,7 +371,7 @@ def encode_manifest(manifest, model, out_dir, max_area, skip_bad, device):
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     vae = AutoEncoder.from_pretrained(model, dtype=dtype, device=device)
     text_encoder = TextEncoder.from_pretrained(model, dtype=dtype, device=device)
-    return cache_dataset(manifest, vae, text_encoder, out_dir, max_area, skip_bad)
+    return cache_dataset(manifest, vae, text_encoder, out_dir, max_area, skip_bad, compact=compact)
 
 
 if __name__ == "__main__":

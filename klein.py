@@ -5,13 +5,15 @@ live in one small place that imports nothing of this project.
 
     image (3, H, W) --VAE /8--> latent (32, H/8, W/8) --2x2 patch--> tokens (H/16 * W/16, 128)
 
-Positions are 4-axis integer ids (t, h, w, l): text token i is (0, 0, 0, i), target token (0, row,
-col, 0), token (row, col) of reference k is (10 (k + 1), row, col, 0). A kept reference token keeps
-its id, so dropping tokens never moves the others.
+Positions are 4-axis ids (t, h, w, l): text token i is (0, 0, 0, i), target token (0, row, col, 0),
+token (row, col) of reference k is (10 (k + 1), row, col, 0). A kept reference token keeps its id, so
+dropping tokens never moves the others. A compact reference (downscaled, `Compact`) has fewer tokens
+at fractional ids that span the positions of the full-size grid it stands for.
 """
 
 import math
 import numbers
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -35,9 +37,18 @@ def grid_ids(h, w, t=0):
     return torch.stack([torch.full_like(r, t), r, c, torch.zeros_like(r)], dim=-1).flatten(0, 1)
 
 
-def reference_ids(k, h, w):
-    """(h * w, 4) ids of reference k's token grid."""
-    return grid_ids(h, w, t=REF_T * (k + 1))
+def reference_ids(k, h, w, span=None):
+    """(h * w, 4) ids of reference k's token grid. span (H, W): the grid is a compact reference of an
+    H x W grid, so its float ids span the same positions: token i sits at the centre of the full-size
+    tokens it covers, (i + 0.5) H / h - 0.5 (2i + 0.5 at factor 2). OminiControl2's position_scale
+    multiplies ids by the factor alone (2i), a half-token shift off centre."""
+    ids = grid_ids(h, w, t=REF_T * (k + 1))
+    if span is None or tuple(span) == (h, w):
+        return ids
+    ids = ids.float()
+    ids[:, 1] = (ids[:, 1] + 0.5) * span[0] / h - 0.5
+    ids[:, 2] = (ids[:, 2] + 0.5) * span[1] / w - 0.5
+    return ids
 
 
 def pack(z):
@@ -115,6 +126,49 @@ def prepare_reference(image, max_area=1024 * 1024):
     cw, ch = w // 16 * 16, h // 16 * 16
     left, top = (w - cw) // 2, (h - ch) // 2
     return image.crop((left, top, left + cw, top + ch)).convert("RGB")
+
+
+@dataclass
+class Compact:
+    """A reference given downscaled by an integer `factor` per side, for `pipeline.load_references`:
+    every position at lower resolution instead of a subset of tokens at full resolution (OminiControl2's
+    compact tokens, RefRoute's downsampled references). image: a path or a PIL image."""
+
+    image: object
+    factor: int
+
+
+def compact_grid(h, w, factor):
+    """The token grid of an h x w token grid downscaled by factor per side (rounded half up, at least 1 x 1)."""
+    return max(1, math.floor(h / factor + 0.5)), max(1, math.floor(w / factor + 0.5))
+
+
+def compact_reference(image, factor):
+    """A prepared reference (PIL, sides multiples of 16) downscaled by factor per side to whole tokens,
+    each pixel the mean of the area it covers (area_weights; exact, where PIL's BOX filter rounds its
+    fixed-point weights). The image remembers the token grid it stands for in info["span"] (PIL copies
+    info through convert and crop): `span` reads it."""
+    h, w = image.height // PATCH, image.width // PATCH
+    hc, wc = compact_grid(h, w, factor)
+    x = np.asarray(image, dtype=np.float64)  # (H, W, 3)
+    x = np.einsum("yh,hwc,xw->yxc", area_weights(image.height, hc * PATCH), x, area_weights(image.width, wc * PATCH), optimize=True)
+    small = Image.fromarray(np.floor(x + 0.5).clip(0, 255).astype(np.uint8))
+    small.info["span"] = (h, w)
+    return small
+
+
+def area_weights(n_in, n_out):
+    """(n_out, n_in) weights of an area downscale: output pixel j is the mean of the input interval
+    [j r, (j + 1) r), r = n_in / n_out, a pixel cut by an edge counted by its overlap."""
+    edges = np.arange(n_out + 1) * n_in / n_out
+    x = np.arange(n_in)[None]
+    overlap = np.minimum(edges[1:, None], x + 1) - np.maximum(edges[:-1, None], x)
+    return overlap.clip(0, None) / (n_in / n_out)
+
+
+def span(image):
+    """(h, w): the token grid a prepared reference stands for (a compact one's full-size grid)."""
+    return tuple(image.info.get("span") or (image.height // PATCH, image.width // PATCH))
 
 
 def to_tensor(image):

@@ -18,6 +18,7 @@ May import: files, klein, model, vae, text_encoder, token_selectors. No extra, n
 """
 
 import gc
+import math
 import numbers
 import os
 import time
@@ -29,7 +30,8 @@ from PIL import Image
 from tqdm import tqdm
 
 from files import load_image, read_json, resolve_component, resolve_device
-from klein import grid_ids, initial_noise, pack, prepare_reference, reference_ids, schedule, text_ids, to_image, to_tensor, unpack
+from klein import (Compact, compact_reference, grid_ids, initial_noise, pack, prepare_reference, reference_ids, schedule, span,
+                   text_ids, to_image, to_tensor, unpack)
 from model import Flux2, KVCache
 from text_encoder import TextEncoder
 from token_selectors import Selector
@@ -93,24 +95,28 @@ def denoise(model, x, img_ids, txt, txt_ids, sigmas, ref=None, ref_ids=None, kv_
 
 
 def load_references(refs):
-    """Paths or PIL images (one path alone is one reference) -> RGB PIL images prepared as klein does."""
-    refs = [refs] if isinstance(refs, (str, os.PathLike, Image.Image)) else list(refs)
+    """Paths or PIL images (one path alone is one reference), or klein.Compact ones -> RGB PIL images
+    prepared as klein does; a Compact one then downscaled (klein.compact_reference)."""
+    refs = [refs] if isinstance(refs, (str, os.PathLike, Image.Image, Compact)) else list(refs)
     images = []
     for r in refs:
-        path = isinstance(r, (str, os.PathLike))
+        image = r.image if isinstance(r, Compact) else r
+        path = isinstance(image, (str, os.PathLike))
         try:
-            images.append(prepare_reference(load_image(r) if path else r))
+            image = prepare_reference(load_image(image) if path else image)
         except ValueError as e:
-            raise ValueError(f"{r}: {e}" if path and str(r) not in str(e) else str(e)) from None
+            raise ValueError(f"{image}: {e}" if path and str(image) not in str(e) else str(e)) from None
+        images.append(compact_reference(image, r.factor) if isinstance(r, Compact) else image)
     return images
 
 
 def encode_references(vae, images, device, dtype):
-    """VAE-encode each reference once: a list of (tokens (1, n, 128) in dtype, ids (n, 4)), all tokens."""
+    """VAE-encode each reference once: a list of (tokens (1, n, 128) in dtype, ids (n, 4)), all tokens;
+    a compact reference's ids span its full-size grid (klein.reference_ids)."""
     out = []
     for k, image in enumerate(images):
         z = vae.encode(to_tensor(image).to(device, vae_dtype(vae)))  # (1, 128, h, w)
-        out.append((pack(z).to(dtype), reference_ids(k, z.shape[2], z.shape[3]).to(device)))
+        out.append((pack(z).to(dtype), reference_ids(k, z.shape[2], z.shape[3], span(image)).to(device)))
     return out
 
 
@@ -223,7 +229,8 @@ def loaded(load, *args, **kwargs):
 @dataclass
 class SampleStats:
     seconds: dict = field(default_factory=dict)  # stage -> wall-clock seconds
-    ref_tokens: list = field(default_factory=list)  # (before, after) selection, per reference
+    ref_tokens: list = field(default_factory=list)  # (full size, kept) per reference: a compact one has fewer before selection
+    loop: tuple = ()  # (transformer config, text tokens, target tokens, steps): what a FLOP count needs (bench_measure)
     kept: list = field(default_factory=list)  # kept token indices per reference (None: all)
     rescored: list = field(default_factory=list)  # kept from a re-score's step on (attention_selector), else empty
 
@@ -341,8 +348,8 @@ def decode_latents(vae, latents, h, w, batch_size=1):
 
 
 def output_size(images, height, width):
-    """Output (h, w) in tokens: the first reference's size (else 1024 px) where not given, floored to 16 px."""
-    w0, h0 = images[0].size if images else (1024, 1024)  # klein's default output size
+    """Output (h, w) in tokens: the first reference's full size (else 1024 px) where not given, floored to 16 px."""
+    h0, w0 = (16 * n for n in span(images[0])) if images else (1024, 1024)  # klein's default output size
     height, width = height or h0, width or w0
     if height < 16 or width < 16:
         raise ValueError(f"output size {width}x{height} is too small: at least 16x16")
@@ -397,7 +404,8 @@ def generate(model, prompt, refs=(), seed=0, size=None, steps=None, guidance=Non
                                                      schedule(steps, h * w), kv_cache)) if images else []  # fmt: skip
             timer.lap("token scoring")
             ref, ref_ids = gather_references(encoded, stats.kept) if images else (None, None)
-            stats.ref_tokens = [(t.shape[1], t.shape[1] if i is None else len(i)) for (t, _), i in zip(encoded, stats.kept)]
+            stats.ref_tokens = [(math.prod(span(im)), t.shape[1] if i is None else len(i)) for im, (t, _), i in zip(images, encoded, stats.kept)]
+            stats.loop = (transformer.cfg, txts[prompts[0]].shape[1], h * w, steps)
             jobs = [(p, s) for p in prompts for s in seeds]
             latents = sample_latents(transformer, jobs, txts, h, w, steps, ref, ref_ids, kv_cache, guidance, neg,
                                      klein.batch_size, progress=True)  # fmt: skip

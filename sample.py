@@ -16,7 +16,14 @@ image, and each is written atomically once all of them exist.
 command's own references, prompts and seeds, a few validation examples, writes the JSON file and
 samples nothing; --attention-calibration reuses the file.
 
-May import: files, cli, pipeline and the extras it plugs in (attention_selector, calibrate, quant). No other script.
+    python sample.py --model ... --ref cat.png --compact 4 --prompt "..." --out out.png
+
+--compact S gives the references downscaled by S per side (klein.Compact): every position at 1/S^2 of
+the tokens instead of a subset at full resolution, the alternative to dropping at the same budget
+(the study's drop-vs-compact comparison); --keep then drops from the compact tokens.
+
+May import: files, cli, pipeline, klein and the extras it plugs in (attention_selector, bench_measure's FLOP
+count, calibrate, quant). No other script.
 """
 
 import argparse
@@ -28,16 +35,18 @@ import torch
 from PIL import Image
 
 from attention_selector import generate_rescored
+from bench_measure import loop_flops
 from calibrate import calibrate_selector, load_calibration, save_calibration
 from cli import (COMPILE_BUCKET, MAX_IMAGES, add_common_args, build_klein, build_selector, check_common, check_sampling,
                  flagged, warn_slow_dtype)  # fmt: skip
 from files import ArgumentParser, check_file, check_number, check_writable, check_writable_folder, fail, image_format, write_atomic
+from klein import Compact
 from pipeline import generate, load_references
 from quant import FORMATS
 from token_selectors import draw_selection, is_sparse
 
 # options of sampling alone: an error with --calibrate, which samples no image
-NOT_WITH_CALIBRATE = ("--out", "--out-dir", "--keep", "--selector", "--save-selection", "--budget", "--uniform-mix", "--task",
+NOT_WITH_CALIBRATE = ("--out", "--out-dir", "--keep", "--compact", "--selector", "--save-selection", "--budget", "--uniform-mix", "--task",
                       "--selection-seed", "--guidance", "--compile", "--attention-block", "--attention-queries",
                       "--attention-calibration", "--attention-rescore-step")  # fmt: skip
 
@@ -65,6 +74,15 @@ def output_paths(out, out_dir, prompts, seeds):
     return [f"{stem}{sep}p{i}_s{s}{ext}" for i in range(len(prompts)) for s in seeds]
 
 
+MAX_COMPACT = 64  # a 1024 px reference downscaled 64x is one token
+
+
+def references(args):
+    """--ref, each a klein.Compact where --compact downscales it."""
+    factors = (args.compact or [1]) * (len(args.ref) if len(args.compact or [1]) == 1 else 1)
+    return [r if f == 1 else Compact(r, f) for r, f in zip(args.ref, factors)]
+
+
 def parser():
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)  # defaults in each help
     add_common_args(p)
@@ -77,6 +95,9 @@ def parser():
     p.add_argument("--num-images", type=int, default=None, help="images per prompt, seeds --seed, --seed + 1, ... (default: 1)")
     p.add_argument("--keep", type=float, action="extend", nargs="+", default=None,
                    help="fraction of reference tokens kept, in (0, 1]: one value or one per reference (default: 1, dense)")  # fmt: skip
+    p.add_argument("--compact", type=int, action="extend", nargs="+", default=None, metavar="S",
+                   help="downscale the references by S per side, every position at 1/S^2 of the tokens (OminiControl2's compact "
+                        "tokens); --keep then drops from those: one value or one per reference, 1 for full size (default: 1)")  # fmt: skip
     p.add_argument("--selector", default=None, choices=["auto", "random", "canny", "saliency", "attention"],
                    help="token selector; auto: canny for edit, saliency for subject; attention: the transformer's own attention "
                         "to each reference token, one block of one step (default: auto)")  # fmt: skip
@@ -136,6 +157,13 @@ def check_args(args):
     if (args.out is None) == (args.out_dir is None):
         raise ValueError("give exactly one of --out and --out-dir (or --calibrate)")
     keep = args.keep or [1.0]
+    if args.compact is not None:
+        if not args.ref:
+            raise ValueError("--compact cannot apply without a reference image (--ref)")
+        if len(args.compact) not in (1, len(args.ref)):
+            raise ValueError(f"--compact has {len(args.compact)} values for {len(args.ref)} reference images: give one, or one per reference")
+        for f in args.compact:
+            check_number("--compact", f, 1, MAX_COMPACT, integer=True)
     if not args.ref and args.selector is not None:
         raise ValueError("--selector cannot apply without a reference image (--ref)")
     if args.ref and all(k == 1 for k in keep) and args.selector is not None:
@@ -175,17 +203,22 @@ def main(argv=None):
                     dtype=dtype)  # fmt: skip
     try:
         if args.attention_rescore_step is None:
-            images, stats = generate(klein, prompts, args.ref, **sampling)
+            images, stats = generate(klein, prompts, references(args), **sampling)
         else:
-            images, stats = generate_rescored(klein, prompts, args.ref, args.attention_rescore_step, **sampling)
+            images, stats = generate_rescored(klein, prompts, references(args), args.attention_rescore_step, **sampling)
         if args.save_selection:  # only once every image exists: a failed run leaves nothing behind
-            save_selection_image(args.ref, stats.kept, args.save_selection)
+            save_selection_image(references(args), stats.kept, args.save_selection)
         for image, path in zip(images, paths):
             write_atomic(path, image)
     except (OSError, ValueError, RuntimeError, KeyError) as e:
         fail(flagged(e))
     for k, (before, after) in enumerate(stats.ref_tokens):
         print(f"reference {k}: {after} of {before} tokens kept ({after / before:.1%})")
+    if stats.ref_tokens:
+        cfg, n_txt, n_img, steps = stats.loop
+        full, ran = (sum(t[i] for t in stats.ref_tokens) for i in (0, 1))
+        ideal = loop_flops(cfg, n_txt, n_img, full, False, steps) / loop_flops(cfg, n_txt, n_img, ran, args.kv_cache, steps)
+        print(f"FLOP-ideal speedup of the denoising loop over every full-size reference token without a cache: {ideal:.2f}x")
     if stats.rescored:
         changed = sum(len(set(b.tolist()) - set(a.tolist())) for a, b in zip(stats.kept, stats.rescored))
         print(f"re-scored at step {args.attention_rescore_step}: {changed} kept token(s) replaced")

@@ -23,12 +23,12 @@ from tqdm import tqdm
 from attention_selector import reference_attention
 from bench_measure import loop_flops
 from compare import psnr, ssim
-from klein import PATCH, grid_ids, n_keep, schedule, text_ids
+from klein import PATCH, compact_grid, grid_ids, n_keep, reference_ids, schedule, text_ids
 from model import KVCache
 from pipeline import denoise
-from study_world import CHANNELS, MULTI, SIZE, TASKS, THUMB, TXT_LEN, as_item, decode
+from study_world import CHANNELS, COMPACT, MULTI, SIZE, TASKS, TXT_LEN, as_item, compact_pixels, decode, to_uint8
 from token_selectors import select_reference_tokens, token_scores
-from train import generator
+from train import compact_item, generator
 
 AWARE = {"edit": "canny", "subject": "saliency", "multi": "saliency"}  # the paper's task-aware rule
 GATE_DB = 10.0  # the dense base must beat a uniform grey image by this much on every validation prompt
@@ -36,7 +36,7 @@ GATE_DB = 10.0  # the dense base must beat a uniform grey image by this much on 
 # photograph (ATTENTION_CHOICES); scored by each model it serves, the training-free base included (ToPi's setting).
 ATTENTION = dict(queries="target", block=1, sigma=1.0)
 # selector -> the models it is scored on; "topi": ToPi's calibration (calibrate.py) of the base, training-free
-MODEL_AWARE = {"attention": ("base", "drop", "drop-mix"), "topi": ("base",)}
+MODEL_AWARE = {"attention": ("base", "drop"), "topi": ("base",)}
 TOPI_EXAMPLES = 4  # validation examples per task that calibrate_topi measures the influence on
 ATTENTION_CHOICES = """\
 How the attention rule was set: on the validation photograph, the 200-step drop model at keep 0.1 (2 seeds), every
@@ -48,16 +48,19 @@ paper's task-aware rule 16.19 / 23.25 / 17.14 (18.86) there. ToPi's calibration 
 from the measured influence of each token, not from PSNR."""
 
 
-def select(examples, keep, selector, seed, budget="uniform", model=None, how=None):
+def select(examples, keep, selector, seed, budget="uniform", model=None, how=None, items=None, latents=None):
     """Kept token indices per example and reference (selection from the reference pixels, or for the
     model-aware selectors "attention" and "topi" from `model`'s own attention read as `how` says:
-    attention_scores). selector "canny-cover" / "saliency-cover": the coverage-first rule
-    (select_covered, uniform budget)."""
+    attention_scores, on items (as_item, maybe compact) and, for a re-score, the current latents).
+    selector "canny-cover" / "saliency-cover": the coverage-first rule (select_covered, uniform budget)."""
     if selector.endswith("-cover"):
         return [select_covered(ex["pixels"], keep, selector.removesuffix("-cover"), seed * 100_003 + i)
                 for i, ex in enumerate(examples)]  # fmt: skip
     by_model = selector in MODEL_AWARE
-    scores = attention_scores(model, examples, seed, how) if by_model else [None] * len(examples)
+    if by_model:
+        scores = attention_scores(model, items or [as_item(ex) for ex in examples], seed, how, latents)
+    else:
+        scores = [None] * len(examples)
     name = "attention" if by_model else selector
     return [select_reference_tokens(ex["pixels"], keep, selector=name, seed=seed * 100_003 + i, uniform_mix=0.25,
                                     budget=budget, scores=sc)
@@ -107,26 +110,28 @@ def cover(p, k, g, grid_w):
 
 
 @torch.no_grad()
-def attention_scores(model, examples, seed, how):
-    """Per example, per reference (N_k,) scores: reference_attention with every reference token,
-    how's queries, block and sigma, on example i's own sampling noise (seed, i) standing in for the
-    latent, as pipeline.attention_scores does."""
-    items = [as_item(ex) for ex in examples]
+def attention_scores(model, items, seed, how, latents=None):
+    """Per item, per reference (N_k,) scores: reference_attention with every reference token, how's
+    queries, block and sigma, on item i's own sampling noise (seed, i) standing in for the latent, as
+    pipeline.attention_scores does; or, for ToPi's re-score, on latents (B, N, C) at how's sigma."""
     h, w = items[0]["target"].shape[1:]
     out = [None] * len(items)
     groups = {}
     for i, it in enumerate(items):
         groups.setdefault(len(it["refs"]), []).append(i)
     for members in groups.values():
-        every = [[torch.arange(h * w)] * len(items[i]["refs"]) for i in members]
+        every = [[torch.arange(r.shape[1] * r.shape[2]) for r in items[i]["refs"]] for i in members]
         ref, ref_ids = gather_refs([items[i] for i in members], every)
         txt = torch.stack([items[i]["txt"] for i in members])
-        noise = torch.stack([torch.randn(h * w, CHANNELS, generator=generator("noise", seed, i)) for i in members])
-        t = torch.full((len(members),), how["sigma"])
-        sc = reference_attention(model, noise, grid_ids(h, w), txt, text_ids(TXT_LEN), t, ref, ref_ids, block=how["block"],
+        if latents is None:
+            x = torch.stack([torch.randn(h * w, CHANNELS, generator=generator("noise", seed, i)) for i in members])
+        else:
+            x = latents[members]
+        t = torch.full((len(members),), float(how["sigma"]))
+        sc = reference_attention(model, x, grid_ids(h, w), txt, text_ids(TXT_LEN), t, ref, ref_ids, block=how["block"],
                                  queries=how["queries"], kv_pattern=how.get("kv_cache", False))  # fmt: skip
         for i, row in zip(members, sc):
-            out[i] = list(row.split(h * w))
+            out[i] = list(row.split([r.shape[1] * r.shape[2] for r in items[i]["refs"]]))
     return out
 
 
@@ -152,31 +157,42 @@ def calibrate_topi(model, examples, path, steps):
 
 
 def gather_refs(items, kept):
-    """Kept reference tokens (B, M, C) and their original ids (B, M, 4): the one place tokens drop here."""
+    """Kept reference tokens (B, M, C) and their original ids (B, M, 4): the one place tokens drop here.
+    A compact item's (train.compact_item) ids span its full-size grid."""
     refs, ids = [], []
     for item, idx in zip(items, kept):
+        spans = item.get("spans") or [None] * len(item["refs"])
         tokens = [r.flatten(1).T[i] for r, i in zip(item["refs"], idx)]  # (h * w, C) rows
-        pos = [grid_ids(r.shape[1], r.shape[2], t=10 * (k + 1))[i] for k, (r, i) in enumerate(zip(item["refs"], idx))]
+        pos = [reference_ids(k, *r.shape[1:], span)[i] for k, (r, i, span) in enumerate(zip(item["refs"], idx, spans))]
         refs.append(torch.cat(tokens))
         ids.append(torch.cat(pos))
     return torch.stack(refs), torch.stack(ids)
 
 
 @torch.no_grad()
-def sample_batch(model, items, kept, steps, seed, kv):
+def sample_batch(model, items, kept, steps, seed, kv, rescore=None):
     """Images (B, 3, H, W) in [0, 1] from the sampler's denoise. Example i's noise is drawn from
     (seed, i), so an image does not depend on the batch; examples that kept the same number of
-    reference tokens share a batch."""
+    reference tokens share a batch. rescore (K, choose): ToPi's temporal update, as
+    attention_selector.generate_rescored drives it: after K steps choose(members, x, sigma_K) gives
+    the members' kept tokens again and the last steps run with those."""
     h, w = items[0]["target"].shape[1:]
     out, groups = [None] * len(items), {}
     for i, idx in enumerate(kept):
         groups.setdefault(sum(len(k) for k in idx), []).append(i)
+    sigmas = schedule(steps, h * w)
     for members in groups.values():
         ref, ref_ids = gather_refs([items[i] for i in members], [kept[i] for i in members])
         txt = torch.stack([items[i]["txt"] for i in members])
-        noise = torch.stack([torch.randn(h * w, CHANNELS, generator=generator("noise", seed, i)) for i in members])
-        x = denoise(model, noise, grid_ids(h, w), txt, text_ids(TXT_LEN), schedule(steps, h * w), ref=ref, ref_ids=ref_ids,
-                    kv_cache=KVCache() if kv else None)  # fmt: skip
+        x = torch.stack([torch.randn(h * w, CHANNELS, generator=generator("noise", seed, i)) for i in members])
+        args = (grid_ids(h, w), txt, text_ids(TXT_LEN))
+        if rescore is None:
+            x = denoise(model, x, *args, sigmas, ref=ref, ref_ids=ref_ids, kv_cache=KVCache() if kv else None)
+        else:
+            K, choose = rescore
+            x = denoise(model, x, *args, sigmas[: K + 1], ref=ref, ref_ids=ref_ids)
+            ref, ref_ids = gather_refs([items[i] for i in members], choose(members, x, sigmas[K]))
+            x = denoise(model, x, *args, sigmas[K:], ref=ref, ref_ids=ref_ids)
         if not torch.isfinite(x).all():
             raise FloatingPointError("the sampler produced non-finite latents")
         for i, image in zip(members, decode(x.transpose(1, 2).reshape(len(members), CHANNELS, h, w))):
@@ -206,8 +222,9 @@ def nearest_fill(target, src, kept):
 
 
 def coarse(x):
-    """The coarse layout of thumbnail images: means of 2x2-token blocks (32x32 px of the image)."""
-    return F.avg_pool2d(x, 2 * THUMB)
+    """The coarse layout of thumbnail images: the means of a 4 x 4 grid of blocks (4x4 tokens, 64x64 px
+    of a 256 px image), whatever the image size."""
+    return F.avg_pool2d(x, x.shape[-1] // 4)
 
 
 def metrics(pred, truth):
@@ -215,51 +232,103 @@ def metrics(pred, truth):
                 coarse_psnr=psnr(coarse(pred), coarse(truth)).mean().item())  # fmt: skip
 
 
-def evaluate(models, examples, settings, kv_models=(), configs=None, topi=None):
-    """{(model, task, selector, keep, seed): metrics} on the examples, plus the images at keep 0.1 and 1
-    of the first seed for the figures. configs: (task, selector, keep, budget) tuples (default: all).
-    topi: the base's calibration (calibrate_topi), for selector "topi" on the base."""
+def compact_budget(factor):
+    """The keep fraction a compact reference's tokens make of the full-size grid's (25/256 at factor 3)."""
+    n = SIZE // 16
+    return math.prod(compact_grid(n, n, factor)) / n**2
+
+
+def plan(task, keeps, topi=False, rescore_steps=()):
+    """[(selector, keep, models)]: what evaluate() samples for one task. Selectors beyond the paper's:
+    compactS (every reference downscaled by S, its whole budget), compactS+RULE (downscaled, then RULE
+    keeps `keep` of the full-size count), topi-rescoreK (ToPi's calibrated selection re-scored at step
+    K). Every model runs the paper's two rules; the scaled LoRA (drop@0.5) and the compact LoRA only
+    what their comparisons need."""
+    aware, other = AWARE[task], ("saliency" if AWARE[task] == "canny" else "canny")
+    out = [("random", 1.0, ("base", "control", "drop", "drop@0.5", "compact", "base-kv", "drop-kv"))]
+    for keep in keeps:
+        out += [("random", keep, ("base", "control", "drop", "base-kv", "drop-kv")),
+                (aware, keep, ("base", "control", "drop", "drop@0.5", "base-kv", "drop-kv")),
+                (other, keep, ("drop",)), (aware + "-cover", keep, ("drop",)), ("attention", keep, MODEL_AWARE["attention"])]
+        out += [("topi", keep, ("base",))] if topi else []
+        out += [("adaptive", keep, ("drop",))] if task == "multi" else []
+    out += [(f"topi-rescore{k}", 0.1, ("base",)) for k in (rescore_steps if topi else ())]
+    for f in COMPACT:  # at equal budget: compact references, and dropping to the same count
+        b = compact_budget(f)
+        out += [(f"compact{f}", b, ("base", "compact", "drop"))]
+        out += [] if b in keeps else [(aware, b, ("base", "drop"))]
+        if f != COMPACT[0]:  # both: downscaled by the smallest factor, then dropped to the same total
+            out += [(f"compact{COMPACT[0]}+{aware}", b, ("base", "compact", "drop"))]
+    return out  # fmt: skip
+
+
+def evaluate(models, examples, settings, topi=None, rescore_steps=()):
+    """{(model, task, selector, keep, seed): metrics} on the examples (plan() says which), next to the
+    fill of every token-dropping selection; plus, for the figures, the images of the first seed at every
+    keep with random and the task-aware rule, and of compact references. models: name -> Flux2; a
+    name ending in -kv samples with the KV cache; plan()'s names missing from models are skipped. topi:
+    the base's calibration (calibrate_topi)."""
     how = dict(attention=ATTENTION, topi=topi)
-    items = [as_item(ex) for ex in examples]
+    items = [as_item(ex, COMPACT) for ex in examples]
     truth = decode(torch.stack([it["target"] for it in items]))
     results, images = {}, {}
-    if configs is None:
-        configs = []
-        for task in TASKS:
-            sel = ["random", "canny", "saliency", "canny-cover", "saliency-cover", "attention"] + (["topi"] if topi else [])
-            for keep in settings["keeps"]:
-                for selector in (["random"] if keep == 1 else sel):
-                    configs.append((task, selector, keep, "uniform"))
-                if task == "multi" and keep < 1:
-                    configs.append((task, "adaptive", keep, "adaptive"))
-    bar = tqdm(total=len(configs) * settings["seeds"], desc="evaluating")
-    for task, selector, keep, budget in configs:
+    jobs = [(task, *p) for task in TASKS for p in plan(task, settings["keeps"], topi is not None, rescore_steps)]
+    bar = tqdm(total=len(jobs) * settings["seeds"], desc="evaluating")
+    for task, selector, keep, names in jobs:
         idx = [i for i, ex in enumerate(examples) if ex["task"] == task]
-        if not idx:
+        names = [n for n in names if n in models]
+        if not idx or not names:
             continue
+        exs = [examples[i] for i in idx]
+        factor = int(selector.split("+")[0][len("compact"):]) if selector.startswith("compact") else None
+        its = [compact_item(items[i], [factor] * len(items[i]["refs"])) if factor else items[i] for i in idx]
         for seed in range(settings["seeds"]):
-            by_model = selector in MODEL_AWARE  # each model ranks the tokens by its own attention
-            kept = None if by_model else select([examples[i] for i in idx], keep, AWARE[task] if budget == "adaptive" else selector, seed, budget)
-            if keep < 1 and not by_model:  # the no-model information limit (exact at keep 1)
+            by_model = selector in MODEL_AWARE or selector.startswith("topi-rescore")
+            kept = None if by_model else choose(exs, its, keep, selector, factor, seed)
+            if keep < 1 and not by_model and not factor:  # the no-model information limit (exact at keep 1)
                 fill = torch.stack([nearest_fill(items[i]["target"], examples[i]["src"], k) for i, k in zip(idx, kept)])
                 results[("fill", task, selector, keep, seed)] = metrics(decode(fill), truth[idx])
-            for name, model in models.items():
-                if name in kv_models and selector not in ("random", AWARE[task]):
-                    continue  # the cache is compared on the paper's two rules only
-                if selector.endswith("-cover") and not name.startswith("drop"):
-                    continue  # the coverage rule is this project's, tried on the drop-trained models
-                if by_model and name not in MODEL_AWARE[selector]:
-                    continue
+            for name in names:
+                model, rescore = models[name], None
                 if by_model:
-                    kept = select([examples[i] for i in idx], keep, selector, seed, budget, model=model, how=how[selector])
-                pred = sample_batch(model, [items[i] for i in idx], kept, settings["sample_steps"], seed, name in kv_models)
+                    rule = "topi" if selector.startswith("topi") else selector
+                    kept = select(exs, keep, rule, seed, model=model, how=how[rule], items=its)
+                    if selector.startswith("topi-rescore"):
+                        rescore = (int(selector[len("topi-rescore"):]), rescorer(model, exs, its, keep, seed, how["topi"]))
+                pred = sample_batch(model, its, kept, settings["sample_steps"], seed, name.endswith("-kv"), rescore)
                 results[(name, task, selector, keep, seed)] = metrics(pred, truth[idx])
-                if seed == 0 and keep in (1.0, 0.1) and not by_model:  # what the grids show
+                if seed == 0 and not by_model:  # what the grids show
                     images[(name, task, selector, keep)] = pred
                     images[("kept", task, selector, keep)] = kept
             bar.update()
     bar.close()
     return results, images, truth
+
+
+def choose(examples, items, keep, selector, factor, seed):
+    """Kept tokens of a pixel rule: every token of a compact reference (compactS), or the rule on the
+    compact pixels keeping keep of the full-size count (compactS+RULE), or the rule itself."""
+    if factor is None:
+        return select(examples, keep, AWARE["multi"], seed, "adaptive") if selector == "adaptive" else select(examples, keep, selector, seed)
+    every = [[torch.arange(r.shape[1] * r.shape[2]) for r in it["refs"]] for it in items]
+    if "+" not in selector:
+        return every
+    rule = selector.split("+")[1]
+    small = [dict(pixels=[to_uint8(compact_pixels(px, factor)) for px in ex["pixels"]]) for ex in examples]
+    fractions = [[min(1.0, keep * (SIZE // 16) ** 2 / len(e)) for e in ev] for ev in every]
+    return [select([s], f[0], rule, seed * 7919 + i)[0] for i, (s, f) in enumerate(zip(small, fractions))]
+
+
+def rescorer(model, examples, items, keep, seed, how):
+    """ToPi's temporal update for sample_batch: the calibrated rule's selection again, from the model's
+    attention on the current latent at the current sigma."""
+
+    def again(members, x, sigma):
+        now = dict(how, sigma=float(sigma))
+        return select([examples[i] for i in members], keep, "topi", seed, model=model, how=now,
+                      items=[items[i] for i in members], latents=x)  # fmt: skip
+
+    return again
 
 
 def grey_floor(examples, truth):
@@ -278,18 +347,51 @@ def prompt_of(ex):
     return f"{MULTI} ({len(ex['refs'])} refs)" if ex["task"] == "multi" else ex["prompt"]
 
 
-def gate(model, examples, settings):
-    """{prompt: (model PSNR, grey PSNR)} at keep 1 (seed 0), mean over each prompt's examples: is the
-    dense model competent at every prompt before any claim about dropping is made?"""
+def dense_scores(model, examples, settings):
+    """Per example (model PSNR, grey PSNR, model coarse PSNR) at keep 1 (seed 0): what the gate and the
+    redundancy check read."""
     items = [as_item(ex) for ex in examples]
     truth = decode(torch.stack([it["target"] for it in items]))
     every = [[torch.arange(r.shape[1] * r.shape[2]) for r in it["refs"]] for it in items]
-    got = psnr(sample_batch(model, items, every, settings["sample_steps"], 0, False), truth)
-    floor = psnr(torch.full_like(truth, 0.5), truth)
+    pred = sample_batch(model, items, every, settings["sample_steps"], 0, False)
+    return list(zip(psnr(pred, truth).tolist(), psnr(torch.full_like(truth, 0.5), truth).tolist(),
+                    psnr(coarse(pred), coarse(truth)).tolist()))  # fmt: skip
+
+
+def gate(examples, scores):
+    """{prompt: (model PSNR, grey PSNR)} of the dense model (dense_scores), mean over each prompt's
+    examples: is it competent at every prompt before any claim about dropping is made?"""
     out = {}
-    for ex, a, b in zip(examples, got.tolist(), floor.tolist()):
+    for ex, (a, b, _) in zip(examples, scores):
         out.setdefault(prompt_of(ex), []).append((a, b))
     return {k: tuple(float(np.mean(c)) for c in zip(*v)) for k, v in out.items()}
+
+
+REDUNDANCY_DB = (1.0, 3.0)  # fixed before the base was trained: the fill's margin over grey, its coarse shortfall
+
+
+def redundancy(examples, scores, seeds):
+    """{task: {grey, fill, grey_coarse, fill_coarse, dense_coarse, passed}} (dB): can this world show claim 1?
+    The fill (no model) of a random keep-0.1 selection, mean over seeds, must beat a grey image by
+    REDUNDANCY_DB[0] and keep the coarse layout: its coarse PSNR within REDUNDANCY_DB[1] of the dense
+    model's own (keep 1, dense_scores) or above it."""
+    items = [as_item(ex) for ex in examples]
+    truth = decode(torch.stack([it["target"] for it in items]))
+    out = {}
+    for task in TASKS:
+        idx = [i for i, ex in enumerate(examples) if ex["task"] == task]
+        t, fills = truth[idx], []
+        for seed in range(seeds):
+            kept = select([examples[i] for i in idx], 0.1, "random", seed)
+            fills.append(decode(torch.stack([nearest_fill(items[i]["target"], examples[i]["src"], k) for i, k in zip(idx, kept)])))
+        grey = torch.full_like(t, 0.5)
+        r = dict(grey=psnr(grey, t).mean().item(), grey_coarse=psnr(coarse(grey), coarse(t)).mean().item(),
+                 fill=float(np.mean([psnr(f, t).mean().item() for f in fills])),
+                 fill_coarse=float(np.mean([psnr(coarse(f), coarse(t)).mean().item() for f in fills])),
+                 dense_coarse=float(np.mean([scores[i][2] for i in idx])))  # fmt: skip
+        r["passed"] = r["fill"] - r["grey"] >= REDUNDANCY_DB[0] and r["fill_coarse"] >= r["dense_coarse"] - REDUNDANCY_DB[1]
+        out[task] = r
+    return out
 
 
 def summarize(results):
@@ -308,7 +410,7 @@ def time_sampling(model, examples, settings, n_refs):
     """Seconds per image of the sampling loop at every keep, with and without the KV cache, for
     n_refs references per example (the multi task's references, repeated to reach n_refs), next to
     the FLOP-ideal speedup. Each time is the minimum over rounds, dense and sparse interleaved."""
-    items = [as_item(ex) for ex in examples if ex["task"] == "multi"]
+    items = [as_item(ex) for ex in examples if ex["task"] == "multi"][: settings["timing_examples"]]
     for it in items:
         it["refs"] = [it["refs"][k % len(it["refs"])] for k in range(n_refs)]
     steps, n_tok = settings["sample_steps"], (SIZE // 16) ** 2

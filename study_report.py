@@ -16,8 +16,8 @@ import torch
 from PIL import Image
 
 from files import write_atomic
-from study_eval import ATTENTION, ATTENTION_CHOICES, AWARE, GATE_DB, MODEL_AWARE, TOPI_EXAMPLES
-from study_world import EDITS, PHOTOS, SIZE, SUBJECTS, TASKS, to_uint8, upsample
+from study_eval import ATTENTION, ATTENTION_CHOICES, AWARE, GATE_DB, MODEL_AWARE, REDUNDANCY_DB, TOPI_EXAMPLES, compact_budget
+from study_world import COMPACT, EDITS, PHOTOS, SIZE, SUBJECTS, TASKS, to_uint8, upsample
 from token_selectors import draw_selection
 
 # ----------------------------------------------------------------------------------------------
@@ -65,10 +65,13 @@ def verdicts(s, results, speed):
         strong.append(beats and share is not None and np.mean(share) >= 0.5)
         recovered = ("no gap to recover (the control at keep 0.1 is not below the dense ceiling)" if share is None
                      else f"share of the gap recovered {np.mean(share):.2f}±{np.std(share):.2f}")
+        to_fill = (f"{(d[0] - c[0]) / (f[0] - c[0]):.2f} of the way from the control to the fill" if f[0] - c[0] >= 0.1
+                   else "the control already at or above the fill")
         dc, cc = P("drop", task, sel, 0.1, "coarse_psnr"), P("control", task, sel, 0.1, "coarse_psnr")
         lines.append(f"{task} ({sel}, keep 0.1): drop {d[0]:.2f}±{d[1]:.2f}, control {c[0]:.2f}±{c[1]:.2f}, dense ceiling "
                      f"{ceiling(s, task):.2f} dB: {recovered}; "
-                     f"the fill of the kept tokens {f[0]:.2f} dB ({'drop beats it' if d[0] >= f[0] else 'drop falls short of it'}); "
+                     f"the fill of the kept tokens {f[0]:.2f} dB ({'drop beats it' if d[0] >= f[0] else 'drop falls short of it'}; "
+                     f"{to_fill}); "
                      f"coarse PSNR drop {dc[0]:.2f} vs control {cc[0]:.2f} dB")  # fmt: skip
     out[2] = verdict(strong, weak), lines
     # 3. Task-aware selection beats random at the same budget (drop model, keep 0.1 and 0.05); the
@@ -94,6 +97,41 @@ def verdicts(s, results, speed):
     out[4] = verdict([a["speedup"] > 4, b["speedup"] > 6.72], [a["speedup"] > 4 or b["speedup"] > 6.72]), [
         f"6 refs, keep 0.1: {a['speedup']:.2f}x (FLOP-ideal {a['ideal']:.2f}x); with the KV cache {b['speedup']:.2f}x "
         f"(FLOP-ideal {b['ideal']:.2f}x)"]  # fmt: skip
+    # 5. Beyond the paper: dropping vs compact references at equal budget, per task: the drop LoRA with the
+    #    task-aware rule against the compact LoRA, and training-free on the base, at every compact factor.
+    lines, drop_wins, compact_wins = [], [], []
+    for task in TASKS:
+        for f in COMPACT:
+            b = compact_budget(f)
+            d, c = P("drop", task, AWARE[task], b), P("compact", task, f"compact{f}", b)
+            db, cb = P("base", task, AWARE[task], b), P("base", task, f"compact{f}", b)
+            both = P("compact", task, f"compact{COMPACT[0]}+{AWARE[task]}", b) if f != COMPACT[0] else None
+            spread = 2 * max(d[1], c[1], 0.01)
+            drop_wins.append(d[0] - c[0] > spread)
+            compact_wins.append(c[0] - d[0] > spread)
+            lines.append(f"{task}, {round(b * (SIZE // 16) ** 2)} tokens ({f}x): drop {d[0]:.2f}±{d[1]:.2f} vs compact "
+                         f"{c[0]:.2f}±{c[1]:.2f} dB ({'drop' if drop_wins[-1] else 'compact' if compact_wins[-1] else 'neither'} "
+                         f"ahead by twice the spread; training-free on the base: drop {db[0]:.2f}, compact {cb[0]:.2f}"
+                         + ("" if both is None else f"; compact {COMPACT[0]}x then dropped, compact LoRA {both[0]:.2f}") + ")")  # fmt: skip
+    n = len(COMPACT)
+    per_task = []
+    for i, task in enumerate(TASKS):
+        d, c = any(drop_wins[i * n : (i + 1) * n]), any(compact_wins[i * n : (i + 1) * n])
+        per_task.append(f"{task}: {'drop and compact each at some budget' if d and c else 'drop' if d else 'compact' if c else 'neither'}")
+    out[5] = ("dropping ahead everywhere" if all(drop_wins) else "compact ahead everywhere" if all(compact_wins)
+              else "mixed (" + "; ".join(per_task) + ")"), lines  # fmt: skip
+    return out
+
+
+def dense_rule(s, keeps):
+    """{keep: (best LoRA scale, {scale: mean PSNR over tasks})}: the drop LoRA at scale 0 (the base), 0.5
+    and 1 with the task-aware rule (random at keep 1), the mean over tasks of each."""
+    out = {}
+    for keep in keeps:
+        sel = lambda task: "random" if keep == 1 else AWARE[task]
+        by = {sc: float(np.mean([s[(n, t, sel(t), keep)]["psnr"][0] for t in TASKS]))
+              for sc, n in ((0.0, "base"), (0.5, "drop@0.5"), (1.0, "drop"))}  # fmt: skip
+        out[keep] = (max(by, key=by.get), by)
     return out
 
 
@@ -106,7 +144,8 @@ def verdict(strong, weak):
 
 
 def keeps_of(s):
-    return sorted({key[3] for key in s}, reverse=True)
+    """The study's keeps (random selection runs at every one of them, and only there)."""
+    return sorted({key[3] for key in s if key[2] == "random"}, reverse=True)
 
 
 def table(s, task, models, floor, metric="psnr"):
@@ -144,6 +183,16 @@ def gate_table(gates):
             m, g = gates[sp][prompt]
             cells.append(f"{m:.2f} | {g:.2f} | {m - g:+.2f}{'' if m - g >= GATE_DB else ' (fails)'}")
         rows.append(f"| {prompt} | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+def redundancy_table(check):
+    """The redundancy check per task (study_eval.redundancy), dB."""
+    rows = ["| task | grey | fill, keep 0.1 | coarse: grey | coarse: fill | coarse: dense base | passed |", "|---|---|---|---|---|---|---|"]
+    for task, r in check.items():
+        rows.append(f"| {task} | {r['grey']:.2f} | {r['fill']:.2f} ({r['fill'] - r['grey']:+.2f}) | {r['grey_coarse']:.2f} | "
+                    f"{r['fill_coarse']:.2f} | {r['dense_coarse']:.2f} ({r['fill_coarse'] - r['dense_coarse']:+.2f}) | "
+                    f"{'yes' if r['passed'] else 'no'} |")  # fmt: skip
     return "\n".join(rows)
 
 
@@ -209,7 +258,7 @@ def plot_quality(path, s, models, floor):
     save_figure(fig, path)
 
 
-def plot_speed(path, s, speed, models):
+def plot_speed(path, s, speed):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -241,39 +290,48 @@ def save_figure(fig, path, ax=None, xlabel=None, ylabel=None, title=None, legend
     plt.close(fig)
 
 
-def image_grid(path, task, examples, images, truth, rows=4):
-    """Per example: references with their kept tokens (keep 0.1, task-aware), true target, base at
-    keep 0.1, drop at keep 0.1 random and task-aware, dense (base, keep 1)."""
-    idx = [i for i, ex in enumerate(examples) if ex["task"] == task][:rows]
-    aware, tile, pad = AWARE[task], SIZE, 4
-    cols = ["references (kept, keep 0.1)", "true target", "base 0.1", "drop 0.1 random", f"drop 0.1 {aware}", "dense (base)"]
-    n_ref = max(len(examples[i]["refs"]) for i in idx)
-    widths = [n_ref * tile] + [tile] * 5
-    canvas = Image.new("RGB", (sum(widths) + pad * len(widths), (tile + pad) * len(idx) + 14), "white")
+def image_grid(path, task, examples, images, truth, rows=3, tile=128):
+    """Per example: references with their kept tokens (keep 0.1, task-aware), true target, dense (base,
+    keep 1), then at each keep below 1 the base and the drop LoRA (task-aware rule) and, in its own
+    column, the compact LoRA on references downscaled to about the same budget (2x: 0.25, 3x: 25 of 256
+    tokens, 4x: 16)."""
     from PIL import ImageDraw
 
+    idx = [i for i, ex in enumerate(examples) if ex["task"] == task][:rows]
+    aware, pad = AWARE[task], 4
+    keeps = sorted({k[3] for k in images if k[0] == "drop" and k[1] == task and k[2] == aware and k[3] < 1}, reverse=True)
+    keeps = [k for k in keeps if any(abs(k - x) < 1e-9 for x in (0.25, 0.1, 0.05))]
+    near = {k: min(COMPACT, key=lambda f: abs(compact_budget(f) - k)) for k in keeps}
+    cols = [("references (kept, keep 0.1)", None), ("true target", None), ("dense (base)", ("base", "random", 1.0))]
+    for k in keeps:
+        cols += [(f"base {k:g}", ("base", aware, k)), (f"drop {k:g}", ("drop", aware, k)),
+                 (f"compact {near[k]}x", ("compact", f"compact{near[k]}", compact_budget(near[k])))]
+    n_ref = max(len(examples[i]["refs"]) for i in idx)
+    widths = [n_ref * tile] + [tile] * (len(cols) - 1)
+    canvas = Image.new("RGB", (sum(widths) + pad * len(widths), (tile + pad) * len(idx) + 14), "white")
     d = ImageDraw.Draw(canvas)
     x = 0
-    for w, name in zip(widths, cols):
+    for w, (name, _) in zip(widths, cols):
         d.text((x + 2, 1), name, fill="black")
         x += w + pad
-    kept = images[("kept", task, aware, 0.1)]
+    kept = images.get(("kept", task, aware, 0.1))
     for row, i in enumerate(idx):
-        j = row  # position among this task's examples (images are stored per task, in order)
         y = 14 + row * (tile + pad)
         for k, r in enumerate(examples[i]["refs"]):
-            canvas.paste(draw_selection(Image.fromarray(to_uint8(r)), kept[j][k]), (k * tile, y))
+            im = Image.fromarray(to_uint8(r))
+            im = draw_selection(im, kept[row][k]) if kept is not None else im
+            canvas.paste(im.resize((tile, tile)), (k * tile, y))
         x = widths[0] + pad
-        for im in (truth[i], images[("base", task, aware, 0.1)][j], images[("drop", task, "random", 0.1)][j],
-                   images[("drop", task, aware, 0.1)][j], images[("base", task, "random", 1.0)][j]):  # fmt: skip
-            canvas.paste(Image.fromarray(to_uint8(upsample(im[None])[0])), (x, y))
+        for _, key in cols[1:]:
+            im = truth[i] if key is None else images[(key[0], task, *key[1:])][row]
+            canvas.paste(Image.fromarray(to_uint8(upsample(im[None])[0])).resize((tile, tile)), (x, y))
             x += tile + pad
     write_atomic(path, lambda tmp: canvas.save(tmp, format="PNG"))
 
 
-def write_report(path, figures, s, speed, v, info, models, world, chosen, schedule):
+def write_report(path, figures, s, speed, v, info, models, world, chosen):
     """REPRODUCTION.md. The prose reproduce.py keeps by the settings it explains: world (what the world is),
-    chosen (how the world and the fine-tunes were chosen), schedule (the schedule search)."""
+    chosen (how the world and the fine-tunes were chosen)."""
     ignored = [] if not info["failing"] else [
         f"> **The dense base failed the competence gate** (at least {GATE_DB:g} dB above a grey image on every validation "
         f"prompt) on {'; '.join(info['failing'])}; the run was told to go on (`--ignore-gate`): no claim below stands on a "
@@ -283,7 +341,8 @@ def write_report(path, figures, s, speed, v, info, models, world, chosen, schedu
          f"- command: `{info['command']}`; run time {info['seconds'] / 60:.1f} min "
          f"({', '.join(f'{k} {v:.0f} s' for k, v in info['stages'].items())})"
          + ("" if not info["cached"] else f"; cached from an earlier run: {', '.join(info['cached'])} (they took "
-            + ", ".join(f"{k} {info['trained'][k]:.0f} s" for k in info["cached"]) + " when they ran)"),
+            + ", ".join(f"{k} {info['trained'][k]:.0f} s" if info["trained"].get(k) is not None else f"{k} unrecorded"
+                        for k in info["cached"]) + " when they ran)"),
          f"- model: `Flux2` {info['cfg']}, {info['params'] / 1e6:.2f}M parameters; base {info['settings']['base_steps']} "
          f"steps x {info['settings']['base_batch']}; every LoRA: `{info['tune_cmd']}` plus its keep flags",
          f"- photographs: test {', '.join(PHOTOS['test'])}; validation {', '.join(PHOTOS['val'])}; training "
@@ -296,27 +355,42 @@ def write_report(path, figures, s, speed, v, info, models, world, chosen, schedu
          f"The dense base at keep 1 (seed 0) against a uniform grey image, per prompt (mean PSNR in dB over its examples). "
          f"The run goes on to the fine-tunes only if the base is at least {GATE_DB:g} dB above grey on every validation "
          "prompt; the test columns are reported, not used.", "", gate_table(info["gates"]), "", *gate_shortfalls(info["gates"]),
+         "## The redundancy check (validation)", "",
+         f"Can this world show claim 1 at all? The fill (no model) of a random keep-0.1 selection, mean over seeds, must beat "
+         f"a grey image by {REDUNDANCY_DB[0]:g} dB and keep the coarse layout: its coarse PSNR (the image's 4 x 4 grid of "
+         f"64-px block means) within {REDUNDANCY_DB[1]:g} dB of the dense base's own at keep 1, or above it. Fixed before the "
+         "base was trained.", "", redundancy_table(info["redundancy"]), "",
+         ("Every task passes: the kept tenth of the tokens carries the coarse layout here."
+          if all(r["passed"] for r in info["redundancy"].values()) else
+          "**Not every task passes: in " + ", ".join(t for t, r in info["redundancy"].items() if not r["passed"])
+          + " this world cannot show claim 1.**"), "",
          "## Verdicts", "",
          "Rules fixed before the run. PSNR in dB against the true target; ± is the standard deviation over seeds (noise and "
          "selection; one training seed). The *dense ceiling* is the best model sampled at keep 1; the *fill* is no model: "
          "every target token takes the true target token of the nearest kept token of its own source (the ideal edit of "
          "the kept tokens, copied where tokens are missing), what the kept tokens can carry without learning anything.",
          "1. *Untrained dropping keeps the coarse layout, loses detail*: base, random, keep 0.1 vs 1: reproduced if "
-         "PSNR drops >= 1 dB and the coarse PSNR (32-px blocks) drops less than half as much, in every task.",
+         "PSNR drops >= 1 dB and the coarse PSNR (the 4 x 4 grid of 64-px blocks) drops less than half as much, in every task.",
          "2. *Drop training restores quality at keep 0.1*: the share of the keep-0.1 gap recovered, (drop - control) / "
          "(dense ceiling - control) with the paper's task-aware selection, per seed: reproduced if in every task drop "
          "beats the no-drop control by more than twice the seed spread and the mean share is at least 0.5; partly if "
          "it beats the control in some task. (Being within 1 dB of the dense ceiling is not asked: with 90% of a "
-         "reference gone no model can restore its missing detail pixel for pixel; the fill says what can be.)",
+         "reference gone no model can restore its missing detail pixel for pixel; the fill says what can be, so the "
+         "gain is also given as the share of the way from the control to the fill.)",
          "3. *Task-aware selection beats random*: drop model, Canny (edit) or saliency (subject, multi) vs random "
          "at keep 0.1 and 0.05, by more than twice the spread; the coverage-first rule and the model-aware rule "
          "(attention: each model's own attention, `attention_selector.reference_attention`) are set against random the same way; "
          "the attention rule is also scored on the base without any LoRA (training-free, as ToPi is).",
          "4. *Speed*: measured per-image speedup at 6 references, keep 0.1, > 4x, and > 6.72x with the KV cache.",
+         f"5. *Beyond the paper: dropping vs compact references at equal budget*: per task and factor S = "
+         f"{', '.join(map(str, COMPACT))} ({', '.join(str(round(compact_budget(f) * (SIZE // 16) ** 2)) for f in COMPACT)} of "
+         f"{(SIZE // 16) ** 2} tokens), the drop LoRA with the task-aware rule keeping exactly the compact reference's "
+         "token count against the compact LoRA on references downscaled S times: one is ahead if it beats the other by "
+         "more than twice the larger seed spread.",
          "",
          "What a PSNR world cannot test: the paper's \"without compromising visual quality\" is a perceptual claim about "
          "1024-px photographs (identity, texture, realism judged by eye and by DINO/CLIP-style scores). Here quality is "
-         "pixel agreement with one true target at 32x32 thumbnail resolution: it can say whether the kept tokens are "
+         "pixel agreement with one true target at 64x64 thumbnail resolution: it can say whether the kept tokens are "
          "used as well as they can be, not whether a result looks as good to a person.",
          ""]  # fmt: skip
     for k, (verd, lines) in v.items():
@@ -340,23 +414,39 @@ def write_report(path, figures, s, speed, v, info, models, world, chosen, schedu
         L.append(f"| {r['refs']} | {r['keep']:g} | {r['ref_tokens']} | {'yes' if r['kv'] else 'no'} | {r['seconds']:.4f} | "
                  f"{r['speedup']:.2f}x | {r['ideal']:.2f}x |")
     L += ["", "## Figures", ""] + [f"![{os.path.basename(f)}]({f})" for f in figures]
-    L += ["", "## Beyond the paper: a schedule that keeps dense quality", "", schedule, "",
-          f"On the {info['split']} photographs (PSNR, dB; keep 0.1 with the task-aware rule):", ""]
+    L += ["", "## Beyond the paper: dropping or compact references?", "",
+          "The same token budget spent two ways: a subset of the full-resolution tokens at their own positions (dropping), "
+          "or every position at lower resolution (the reference downscaled S times per side, box filter, its ids scaled to "
+          "span the same positions: `klein.compact_reference`, `sample.py --compact`, `train.py --compact`). The compact "
+          "LoRA is trained like drop (same steps, rank, data, seed; full size with probability 0.1) with references "
+          f"downscaled by S ~ {{{', '.join(map(str, COMPACT))}}}. Both run the same number of reference tokens, so their "
+          f"FLOPs and speed are the same. PSNR, dB, {info['split']} photographs:", "",
+          "| task | tokens | base: drop | base: compact | drop LoRA: drop | compact LoRA: compact | compact LoRA: "
+          f"compact {COMPACT[0]}x + drop | drop LoRA: compact |", "|---|---|---|---|---|---|---|---|"]
     for task in TASKS:
-        L.append(f"- {task}: " + "; ".join(
-            f"{n} keep 1 {s[(n, task, 'random', 1.0)]['psnr'][0]:.2f} / keep 0.1 {s[(n, task, AWARE[task], 0.1)]['psnr'][0]:.2f}"
-            f"±{s[(n, task, AWARE[task], 0.1)]['psnr'][1]:.2f}" for n in ("control", "drop", "drop-mix")) + " dB")  # fmt: skip
-    L += ["",
+        for f in COMPACT:
+            b = compact_budget(f)
+            cell = lambda n, sel: (lambda v: "-" if v is None else f"{v['psnr'][0]:.2f} ± {v['psnr'][1]:.2f}")(s.get((n, task, sel, b)))
+            L.append(f"| {task} | {round(b * (SIZE // 16) ** 2)} ({f}x) | {cell('base', AWARE[task])} | {cell('base', f'compact{f}')} | "
+                     f"{cell('drop', AWARE[task])} | {cell('compact', f'compact{f}')} | {cell('compact', f'compact{COMPACT[0]}+{AWARE[task]}')} | "
+                     f"{cell('drop', f'compact{f}')} |")  # fmt: skip
+    rule = dense_rule(s, keeps_of(s))
+    L += ["", "## What to do about dense quality", "",
+          "The drop LoRA costs dense quality (keep 1). Two simple rules measured: no LoRA at keep 1 (the base), and the "
+          "LoRA's scale as a function of keep (0 = the base, 0.5, 1; `sample.py --lora-scale`). Mean PSNR over the tasks, "
+          "task-aware rule (random at keep 1):", "", "| keep | scale 0 (base) | scale 0.5 | scale 1 | best |", "|---|---|---|---|---|"]
+    for keep, (best, by) in rule.items():
+        L.append(f"| {keep:g} | " + " | ".join(f"{by[sc]:.2f}" for sc in (0.0, 0.5, 1.0)) + f" | {best:g} |")
+    L += ["", "Use: " + "; ".join(f"keep {k:g}: scale {b:g}" for k, (b, _) in rule.items()) + f" (on the {info['split']} photographs).", "",
           "## Beyond the paper: coverage-first selection", "",
           "One kept token per cell of a coarse grid, the Canny or saliency map choosing the cells' order and the token "
-          "inside (`study_eval.select_covered`), against the paper's rule and random, PSNR at the "
+          "inside (`study_eval.select_covered`), against the paper's rule and random, on the drop LoRA, PSNR at the "
           "same budget:", ""]  # fmt: skip
     for task in TASKS:
-        for n in ("drop", "drop-mix"):
-            L.append(f"- {task}, {n}: " + "; ".join(
-                f"keep {k:g} " + " / ".join(f"{sel} {s[(n, task, sel, k)]['psnr'][0]:.2f}±{s[(n, task, sel, k)]['psnr'][1]:.2f}"
-                                            for sel in ("random", AWARE[task], AWARE[task] + "-cover"))
-                for k in (0.1, 0.05) if (n, task, "random", k) in s) + " dB")  # fmt: skip
+        L.append(f"- {task}: " + "; ".join(
+            f"keep {k:g} " + " / ".join(f"{sel} {s[('drop', task, sel, k)]['psnr'][0]:.2f}±{s[('drop', task, sel, k)]['psnr'][1]:.2f}"
+                                        for sel in ("random", AWARE[task], AWARE[task] + "-cover"))
+            for k in (0.1, 0.05) if ("drop", task, "random", k) in s) + " dB")  # fmt: skip
     L += ["", "## Beyond the paper: model-aware selection", "", ATTENTION_CHOICES, "",
           f"The reference tokens ranked by the attention mass they receive (`attention_selector.reference_attention`, queries "
           f"{ATTENTION['queries']}, block {ATTENTION['block']}, sigma {ATTENTION['sigma']:g}), sampled like every rule "
@@ -370,6 +460,15 @@ def write_report(path, figures, s, speed, v, info, models, world, chosen, schedu
                 f"keep {k:g} " + " / ".join(f"{sel} {s[(n, task, sel, k)]['psnr'][0]:.2f}±{s[(n, task, sel, k)]['psnr'][1]:.2f}"
                                             for sel in sels)
                 for k in (0.1, 0.05) if (n, task, "attention", k) in s) + " dB")  # fmt: skip
+    steps = info["rescore"]
+    L += ["", f"ToPi's temporal update on the base at keep 0.1: the calibrated selection re-scored at step K of "
+          f"{info['settings']['sample_steps']} from the model's attention on the current latent "
+          f"(`attention_selector.generate_rescored`'s rule; validation runs try several K, the test run the one chosen "
+          f"there):", ""]
+    for task in TASKS:
+        L.append(f"- {task}: topi {s[('base', task, 'topi', 0.1)]['psnr'][0]:.2f}±{s[('base', task, 'topi', 0.1)]['psnr'][1]:.2f}; "
+                 + "; ".join(f"re-scored at step {k} {s[('base', task, f'topi-rescore{k}', 0.1)]['psnr'][0]:.2f}"
+                             f"±{s[('base', task, f'topi-rescore{k}', 0.1)]['psnr'][1]:.2f}" for k in steps) + " dB")  # fmt: skip
     L.append("")
     text = "\n".join(L) + "\n"
     write_atomic(path, text)

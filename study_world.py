@@ -1,7 +1,7 @@
 """The synthetic world of reproduce.py's study: photographs, tasks, codec, examples, training cache.
 
-What the world is and why is reproduce.py's docstring ("The world."): 128x128 crops of scikit-image's
-photographs, whole photographs held out per split; three tasks told apart by a fixed random prompt
+What the world is and why is reproduce.py's docstring ("The world."): 256x256 crops of scikit-image's
+photographs (16x16-token references), whole photographs held out per split; three tasks told apart by a fixed random prompt
 embedding; a fixed codec (each 16-px token is its patch's 4x4 colour thumbnail). make_split draws the
 examples, as_item turns one into what train.py's CachedDataset returns, write_cache writes the cache
 train.py reads. WORLD is the version of make_example: every cache key holds it.
@@ -19,8 +19,11 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from tqdm import tqdm
 
+from PIL import Image
+
 from data import text_file
 from files import write_atomic
+from klein import compact_reference
 from train import generator
 
 # Fixed before any result was seen.
@@ -30,14 +33,15 @@ PHOTOS = {
     "train": ("rocket", "stereo_motorcycle", "hubble_deep_field", "immunohistochemistry", "retina",
               "camera", "moon", "coins", "clock", "brick", "grass", "gravel", "cell"),
 }  # fmt: skip
-SIZE, SUB, THUMB = 128, 64, 4  # image side, subject side, thumbnail side per 16-px token
+SIZE, SUB, THUMB = 256, 128, 4  # image side, subject side, thumbnail side per 16-px token
 SUBJECT_AT = ((SIZE - SUB) // 16,) * 2  # the subject's top-left token in its reference: the bottom-right quarter
 CHANNELS, TXT_LEN, CONTEXT = 3 * THUMB * THUMB, 4, 32
 EDITS = ("make it grayscale", "invert the colours", "draw its outlines")
 SUBJECTS = ("the subject, centred", "the subject, centred and mirrored")
 MULTI = "put the subjects into the scene"
 TASKS = ("edit", "subject", "multi")
-WORLD = 3  # the version of make_example: part of every cache key, so a changed world is rebuilt
+COMPACT = (2, 3, 4)  # compact references' factors: 1/4, 1/9 (25 of 256 tokens), 1/16 of the tokens
+WORLD = 4  # the version of make_example: part of every cache key, so a changed world is rebuilt
 
 
 def photo(name):
@@ -59,9 +63,10 @@ def rand(g, lo=0.0, hi=1.0):
 
 
 def crop(g, image, side):
-    """A random square crop of random scale, resized to side x side, maybe mirrored."""
+    """A random square crop of random scale (side / 2 to the photograph's short side: magnified up to 2x,
+    so structure spans several tokens), resized to side x side, maybe mirrored."""
     _, H, W = image.shape
-    c = int(round(math.exp(rand(g, math.log(min(side, H, W)), math.log(min(H, W))))))
+    c = int(round(math.exp(rand(g, math.log(min(side // 2, H, W)), math.log(min(H, W))))))
     top, left = int(torch.randint(H - c + 1, (), generator=g)), int(torch.randint(W - c + 1, (), generator=g))
     x = image[:, top : top + c, left : left + c]
     x = F.interpolate(x[None], size=(side, side), mode="bilinear", antialias=True, align_corners=False)[0]
@@ -172,10 +177,20 @@ def make_split(split, count, seed):
     return out
 
 
-def as_item(ex):
-    """An example in the form train.py's CachedDataset returns."""
-    return dict(target=encode(ex["target"][None])[0], refs=[encode(r[None])[0] for r in ex["refs"]],
+def as_item(ex, compact=()):
+    """An example in the form train.py's CachedDataset returns; compact: factors S whose downscaled
+    references it holds too (compact {S: [(C, h', w')]}, as a cache made with data.py --compact)."""
+    item = dict(target=encode(ex["target"][None])[0], refs=[encode(r[None])[0] for r in ex["refs"]],
                 txt=prompt_embedding(ex["prompt"]), task=ex["task"])  # fmt: skip
+    if compact:
+        item["compact"] = {f: [encode(compact_pixels(px, f)[None])[0] for px in ex["pixels"]] for f in compact}
+    return item
+
+
+def compact_pixels(pixels, factor):
+    """An (H, W, 3) uint8 reference downscaled as klein.compact_reference does: (3, H', W') in [0, 1]."""
+    small = compact_reference(Image.fromarray(pixels), factor)
+    return torch.from_numpy(np.asarray(small, dtype=np.float32) / 255).permute(2, 0, 1)
 
 
 def to_uint8(x):
@@ -183,17 +198,20 @@ def to_uint8(x):
     return (x.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
 
 
-def write_cache(folder, examples):
-    """A latent cache exactly as data.py writes one (index.json last), so train.py reads it as it is."""
+def write_cache(folder, examples, compact=COMPACT):
+    """A latent cache exactly as data.py writes one (index.json last), so train.py reads it as it is;
+    with every reference also downscaled by each of compact (data.py --compact)."""
     index = []
     for i, ex in enumerate(tqdm(examples, desc="writing the training cache", leave=False)):
-        item, latents = as_item(ex), f"latents/{i:08d}.safetensors"
+        item, latents = as_item(ex, compact), f"latents/{i:08d}.safetensors"
         z = {"target": item["target"]} | {f"ref.{k}": r for k, r in enumerate(item["refs"])}
+        z |= {f"ref.{k}.x{f}": r for f, refs in item.get("compact", {}).items() for k, r in enumerate(refs)}
         write_atomic(os.path.join(folder, latents), lambda tmp: save_file(z, tmp))
         text = text_file(ex["prompt"])
         if not os.path.isfile(os.path.join(folder, text)):
             write_atomic(os.path.join(folder, text), lambda tmp: save_file({"txt": item["txt"]}, tmp))
         grid = [SIZE // 16, SIZE // 16]
         index.append(dict(latents=latents, text=text, target=grid, references=[grid] * len(ex["refs"]),
-                          task="edit" if ex["task"] == "edit" else "subject", line=i + 1, photos=ex["photos"]))  # fmt: skip
+                          task="edit" if ex["task"] == "edit" else "subject", line=i + 1, photos=ex["photos"])
+                     | ({"compact": list(compact)} if compact else {}))  # fmt: skip
     write_atomic(os.path.join(folder, "index.json"), json.dumps(index))

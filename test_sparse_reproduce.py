@@ -41,8 +41,11 @@ def test_training_examples_come_only_from_training_photographs(monkeypatch):
 
 def test_quick_run_writes_every_table_and_figure(quick_run):
     report = (quick_run / "report" / "REPRODUCTION.md").read_text()
-    for k in range(1, 5):
+    for k in range(1, 6):
         assert f"**Claim {k}: " in report
+    for section in ("## The redundancy check (validation)", "## Beyond the paper: dropping or compact references?",
+                    "## What to do about dense quality"):  # fmt: skip
+        assert section in report
     for task in W.TASKS:
         assert f"### {task}" in report and f"SSIM ({task})" in report
     assert report.startswith("# Reproduction") and "The dense base failed the competence gate" in report.split("- date")[0]
@@ -53,7 +56,13 @@ def test_quick_run_writes_every_table_and_figure(quick_run):
             assert im.size[0] > 100 and im.size[1] > 100
     results = json.loads((quick_run / "report" / "reproduction" / "results.json").read_text())
     models = {key.split("|")[0] for key in results["summary"]}
-    assert models == {"base", "control", "drop", "drop-mix", "base-kv", "drop-kv", "fill"}
+    assert models == {"base", "control", "drop", "drop@0.5", "compact", "base-kv", "drop-kv", "fill"}
+    # drop against compact at the same token count, in every task and at every factor
+    for task in W.TASKS:
+        for f in W.COMPACT:
+            b = E.compact_budget(f)
+            for key in (("compact", task, f"compact{f}", b), ("drop", task, E.AWARE[task], b), ("base", task, f"compact{f}", b)):
+                assert "|".join(map(str, key)) in results["summary"], key
     assert all(math.isfinite(m[0]) for v in results["summary"].values() for m in v.values())
     assert {(r["refs"], r["kv"]) for r in results["speed"]} == {(3, False), (3, True), (6, False), (6, True)}
     # the model-aware selectors ran on exactly the models they are for, at every keep below 1
@@ -88,12 +97,14 @@ def test_fine_tunes_differ_only_in_their_keep_settings(quick_run):
     for name in R.TUNES:
         state = torch.load(quick_run / "work" / "runs" / name / "checkpoint.pt", weights_only=True)
         runs[name] = state["run"]
-    keep = {"keep_range", "keep_all_prob", "kv"}
+    keep = {"keep_range", "keep_all_prob", "kv", "compact"}
     for name, run in runs.items():
         assert {k: v for k, v in run.items() if k not in keep} == {k: v for k, v in runs["drop"].items() if k not in keep}
     assert runs["control"]["keep_range"] == [1.0, 1.0] and runs["control"]["keep_all_prob"] == 0
     assert runs["drop"]["keep_range"] == [0.05, 0.25] and not runs["drop"]["kv"]
     assert runs["drop-kv"]["kv"] and runs["drop-kv"]["keep_range"] == runs["drop"]["keep_range"]
+    assert runs["compact"]["compact"] == list(W.COMPACT) and runs["compact"]["keep_all_prob"] == runs["drop"]["keep_all_prob"]
+    assert runs["drop"]["compact"] == []
 
 
 def test_evaluation_of_a_model_on_its_training_example_beats_noise():
@@ -113,9 +124,9 @@ def test_evaluation_of_a_model_on_its_training_example_beats_noise():
     # noise the codec keeps: one random colour per thumbnail pixel (4x4 image pixels)
     noise = torch.rand(3, W.SIZE // 4, W.SIZE // 4, generator=torch.Generator().manual_seed(0))
     noisy = dict(ex, target=noise.repeat_interleave(4, 1).repeat_interleave(4, 2))
-    own, _, _ = E.evaluate({"m": model}, [ex], settings)
-    on_noise, _, _ = E.evaluate({"m": model}, [noisy], settings)
-    key = ("m", "edit", "random", 1.0, 0)
+    own, _, _ = E.evaluate({"base": model}, [ex], settings)
+    on_noise, _, _ = E.evaluate({"base": model}, [noisy], settings)
+    key = ("base", "edit", "random", 1.0, 0)
     assert own[key]["psnr"] > on_noise[key]["psnr"] + 3
     assert own[key]["ssim"] > on_noise[key]["ssim"]
 
@@ -148,8 +159,10 @@ def test_the_gate_refuses_an_untrained_base(tmp_path, capsys):
     with pytest.raises(SystemExit) as stop:
         R.main(["--quick", "--stage", "base", "--work", str(work)])
     assert "error: the dense base is less than" in str(stop.value)
-    for prompt in W.EDITS + W.SUBJECTS:
-        assert prompt in capsys.readouterr().out or prompt in str(stop.value)
+    out = capsys.readouterr().out
+    val = W.make_split("val", R.SETTINGS["quick"]["test_per_task"], 4321)  # the prompts --quick's few examples hold
+    for prompt in {E.prompt_of(ex) for ex in val}:
+        assert prompt in out or prompt in str(stop.value)
     with pytest.raises(SystemExit):
         R.main(["--quick", "--work", str(work), "--report", str(tmp_path / "report")])
     assert not (work / "runs").exists() and not (tmp_path / "report").exists()
@@ -161,6 +174,18 @@ def test_options_that_cannot_apply_to_the_base_stage_are_errors(tmp_path, capsys
             R.main(["--quick", "--stage", "base", "--work", str(tmp_path / "w"), *extra])
         assert stop.value.code == 1 and f"error: {extra[0]}" in capsys.readouterr().err  # one status for every bad value
     assert not any(tmp_path.iterdir())
+
+
+def test_the_redundancy_check_applies_its_rule():
+    # A dense model with no coarse layout at all (0 dB): only the fill's margin over grey decides; one far
+    # above any fill (99 dB): no task passes, whatever the fill.
+    val = W.make_split("val", 2, 4321)
+    low = E.redundancy(val, [(0.0, 0.0, 0.0)] * len(val), 1)
+    high = E.redundancy(val, [(0.0, 0.0, 99.0)] * len(val), 1)
+    for task in W.TASKS:
+        assert low[task]["passed"] == (low[task]["fill"] - low[task]["grey"] >= E.REDUNDANCY_DB[0])
+        assert not high[task]["passed"] and high[task]["dense_coarse"] == 99.0
+        assert low[task]["fill"] == high[task]["fill"] and low[task]["grey_coarse"] < low[task]["fill_coarse"]
 
 
 def test_the_fill_matches_a_hand_built_fill():
@@ -195,7 +220,8 @@ def test_the_source_map_says_where_every_target_token_comes_from():
             if ex["prompt"] == W.SUBJECTS[1]:
                 tokens = tokens.view(-1, 3, W.THUMB, W.THUMB).flip(-1).flatten(1)
             assert len(mine) and torch.allclose(tokens, target[mine], atol=1e-5), (ex["prompt"], k)
-        assert (ex["src"][:, 0] < 0).sum() == (48 if ex["task"] == "subject" else 0)
+        grey = (W.SIZE // 16) ** 2 - (W.SUB // 16) ** 2  # every target token outside the subject
+        assert (ex["src"][:, 0] < 0).sum() == (grey if ex["task"] == "subject" else 0)
 
 
 def test_every_fine_tune_logged_its_loss_curve(quick_run):

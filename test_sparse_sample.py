@@ -266,18 +266,24 @@ def test_frozen_parameters_from_pretrained(distilled):
         assert not any(p.requires_grad for p in cls.from_pretrained(str(root)).parameters()), cls.__name__
 
 
-def diffusers_loop(pipe, refs, kept, seed, steps=4, kv=False):
-    """klein sampling written with diffusers' own pipeline pieces, on a subset of reference tokens."""
+def diffusers_loop(pipe, refs, kept, seed, steps=4, kv=False, size=None, scale=None, prepare=True):
+    """klein sampling written with diffusers' own pipeline pieces, on a subset of reference tokens.
+    size (H, W): the output's, else the first reference's; scale (sh, sw): the reference ids' rows and
+    columns mapped to (i + 0.5) s - 0.5 (a compact reference spanning a larger grid)."""
     from diffusers.pipelines.flux2.pipeline_flux2_klein import compute_empirical_mu
 
     with torch.no_grad():
         txt, txt_ids = pipe.encode_prompt(prompt="a red cube", device="cpu", max_sequence_length=512)
-        images = [to_tensor(prepare_reference(r)) for r in refs]
+        images = [to_tensor(prepare_reference(r) if prepare else r) for r in refs]
         ref, ref_ids = pipe.prepare_image_latents(images=images, batch_size=1, generator=None, device="cpu", dtype=torch.float32)
         offsets = np.cumsum([0] + [im.shape[2] * im.shape[3] // 256 for im in images])
         rows = torch.cat([torch.as_tensor(idx) + int(o) for idx, o in zip(kept, offsets)])
         ref, ref_ids = ref[:, rows], ref_ids[:, rows]
-        H, W = images[0].shape[2:]
+        if scale is not None:
+            ref_ids = ref_ids.float()
+            for axis, sc in zip((1, 2), scale):
+                ref_ids[..., axis] = (ref_ids[..., axis] + 0.5) * sc - 0.5
+        H, W = size or images[0].shape[2:]
         x, x_ids = pipe.prepare_latents(1, 4, H, W, torch.float32, "cpu", torch.Generator().manual_seed(seed))
         pipe.scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps), mu=compute_empirical_mu(x.shape[1], steps))
         cache = None
@@ -366,6 +372,71 @@ def test_keep_one_is_dense_and_bad_keeps(distilled, tmp_path):
             pipeline.generate(str(root), "x", REFS, keep=keep)
     with pytest.raises(ValueError, match="selector"):
         pipeline.generate(str(root), "x", REFS, keep=0.5, selector="sobel")
+
+
+# ----------------------------------------------------------------------------------------------
+# Compact references: every position at lower resolution, ids spanning the full-size grid
+
+
+def test_compact_reference_equals_a_hand_built_downscale(distilled):
+    """A 64x96 px reference (4x6 tokens) downscaled 2x: its pixels are the means of 2x2 pixel blocks,
+    its tokens the VAE's encoding of that image, its ids (10, 2r + 0.5, 2c + 0.5, 0): the centres of
+    the full-size tokens each one covers. Built here by hand, compared with load_references and
+    encode_references."""
+    from klein import Compact
+    from vae import AutoEncoder
+
+    root, _ = distilled
+    image = photo(96, 64, seed=5)
+    pixels = np.asarray(image, dtype=np.float64)
+    by_hand = pixels.reshape(32, 2, 48, 2, 3).mean(axis=(1, 3))  # (32, 48, 3)
+    (small,) = pipeline.load_references([Compact(image, 2)])
+    assert small.size == (48, 32) and np.array_equal(np.asarray(small), np.floor(by_hand + 0.5))
+    vae = AutoEncoder.from_pretrained(str(root))
+    [(tokens, ids)] = pipeline.encode_references(vae, [small], "cpu", torch.float32)
+    want = vae.encode(to_tensor(Image.fromarray(np.floor(by_hand + 0.5).astype(np.uint8))))
+    assert torch.equal(tokens, want.flatten(2).transpose(1, 2))
+    rows, cols = np.meshgrid(np.arange(2), np.arange(3), indexing="ij")
+    hand_ids = [[10, 2 * r + 0.5, 2 * c + 0.5, 0] for r, c in zip(rows.ravel(), cols.ravel())]
+    assert ids.tolist() == hand_ids
+    # a grid the factor does not divide: 5 tokens -> round(5 / 3) = 2, centres (i + 0.5) * 5 / 2 - 0.5
+    odd = pipeline.load_references([Compact(photo(80, 80, seed=6), 3)])[0]
+    [(_, odd_ids)] = pipeline.encode_references(vae, [odd], "cpu", torch.float32)
+    assert odd.size == (32, 32) and sorted({r for r in odd_ids[:, 1].tolist()}) == [0.75, 3.25]
+    # area means by another construction: each pixel repeated 32 times per side, then 80x80 blocks averaged
+    big = np.asarray(photo(80, 80, seed=6), dtype=np.float64).repeat(32, axis=0).repeat(32, axis=1)
+    assert np.array_equal(np.asarray(odd), np.floor(big.reshape(32, 80, 32, 80, 3).mean(axis=(1, 3)) + 0.5))
+
+
+def test_compact_sampling_equals_diffusers_at_scaled_ids(distilled):
+    """generate() with a compact reference equals diffusers' own klein loop fed the downscaled image's
+    tokens with their ids scaled to span the full-size grid; it reports the full-size token count and
+    samples at the full-size reference's size by default."""
+    from klein import Compact
+
+    root, pipe = distilled
+    ref = photo(128, 112, seed=7)  # 8x7 tokens -> 3x2 at factor 3 (rounded half up)
+    image, stats = pipeline.generate(str(root), "a red cube", [Compact(ref, 3)], seed=4)
+    assert stats.ref_tokens == [(56, 6)] and image.size == (128, 112)
+    small = pipeline.load_references([Compact(ref, 3)])[0]
+    want = diffusers_loop(pipe, [small], [torch.arange(6)], seed=4, size=(112, 128), scale=(7 / 2, 8 / 3), prepare=False)
+    assert np.abs(np.array(image).astype(np.int32) - want).max() <= 1
+    # The tiny model's images barely see positions; its velocity does: ours equals diffusers' transformer
+    # at the scaled (fractional) ids, far closer than to the same tokens at unscaled ids.
+    from model import Flux2
+    from vae import AutoEncoder
+
+    [(tokens, ids)] = pipeline.encode_references(AutoEncoder.from_pretrained(str(root)), [small], "cpu", torch.float32)
+    g = torch.Generator().manual_seed(0)
+    x, txt = torch.randn(1, 56, tokens.shape[2], generator=g), torch.randn(1, 8, pipe.transformer.config.joint_attention_dim, generator=g)
+    x_ids, txt_ids, t = grid_ids(7, 8), torch.zeros(8, 4), torch.tensor([0.7])
+    txt_ids[:, 3] = torch.arange(8)
+    with torch.no_grad():
+        ours = Flux2.from_pretrained(str(root))(x, x_ids, txt, txt_ids, t, ref=tokens, ref_ids=ids)
+        theirs = lambda ref_ids: pipe.transformer(hidden_states=torch.cat([x, tokens], 1), img_ids=torch.cat([x_ids, ref_ids])[None].float(),
+                                                  encoder_hidden_states=txt, txt_ids=txt_ids[None], timestep=t, return_dict=False)[0][:, :56]  # fmt: skip
+        err, unscaled = (ours - theirs(ids)).abs().max(), (ours - theirs(grid_ids(2, 3, t=10))).abs().max()
+    assert err < 1e-5 * ours.abs().max() and unscaled > 100 * err
 
 
 # ----------------------------------------------------------------------------------------------
@@ -575,6 +646,11 @@ BAD = {  # case: (arguments after --model, substring of the one error line)
     "keep 1: uniform mix": (["--uniform-mix", "0.5"], "--uniform-mix cannot apply with --keep 1"),
     "selection .txt": (["--keep", "0.5", "--save-selection", "{d}/sel.txt"], "unknown image format"),
     "adaptive with per-reference keeps": (["--ref", "{d}/ref2.png", "--keep", "0.1", "0.2", "--budget", "adaptive"], "--budget adaptive"),
+    "compact 0": (["--compact", "0"], "--compact"),
+    "compact not int (argparse)": (["--compact", "2.5"], "--compact"),
+    "compact huge": (["--compact", "65"], "--compact"),
+    "three compacts for two refs": (["--ref", "{d}/ref2.png", "--compact", "2", "2", "2"], "--compact has 3 values for 2"),
+    "no ref: compact": (["--no-ref", "--compact", "2"], "--compact cannot apply without"),
     "keep 0": (["--keep", "0"], "--keep"),
     "keep nan": (["--keep", "nan"], "--keep"),
     "three keeps for two refs": (["--ref", "{d}/ref2.png", "--keep", "0.5", "0.5", "0.5"], "3 values for 2 reference"),

@@ -425,6 +425,37 @@ def test_cli_bad_input(klein, tmp_path, capsys):
     assert message.startswith("error: ") and "\n" not in message
 
 
+def test_compact_cache_and_training(klein, tmp_path, capsys):
+    """data.py --compact 2 stores each reference also downscaled (klein.compact_reference, then the VAE);
+    train.py --compact 2 trains on those at ids spanning the full-size grid, no token dropped; a factor
+    the cache lacks and --keep-range beside --compact are refused before any model loads."""
+    from klein import compact_reference, reference_ids
+
+    root, manifest, cache = klein
+    small = tmp_path / "cache"
+    data.main([str(manifest), "--model", str(root), "--out", str(small), "--compact", "2"])
+    item = CachedDataset(str(small))[0]  # line 1: references of 64x64 and 80x64 px
+    assert [r.shape for r in item["compact"][2]] == [(16, 2, 2), (16, 2, 3)]
+    vae = AutoEncoder.from_pretrained(str(root))
+    with torch.no_grad():
+        image = prepare_reference(load_image(str(root / "data" / "img" / "extra0.png")))
+        assert torch.equal(item["compact"][2][1], vae.encode(to_tensor(compact_reference(image, 2)))[0])
+    args = train.parse_args(["--model", str(root), "--data", str(small), "--out", str(tmp_path / "run"), "--compact", "2",
+                             "--keep-all-prob", "0"])  # fmt: skip
+    (example,) = train.step_examples(CachedDataset(str(small)), [0], 0, 0, 1, args)
+    want = [reference_ids(k, *r.shape[1:], span=tuple(f.shape[1:])) for k, (r, f) in enumerate(zip(item["compact"][2], item["refs"]))]
+    assert torch.equal(example["ref_ids"], torch.cat(want)) and example["ref"].shape == (4 + 6, 16)
+    train.main(["--model", str(root), "--data", str(small), "--out", str(tmp_path / "run"), "--compact", "2", "--steps", "2"])
+    assert "(step 2" in capsys.readouterr().out
+    for extra, message in ((["--compact", "3"], "--compact 3: --data holds no references downscaled by that factor"),
+                           (["--compact", "2", "--keep-range", "0.1", "0.2"], "--keep-range cannot apply with --compact"),
+                           (["--compact", "1"], "--compact must be an integer in [2, 64]")):  # fmt: skip
+        with pytest.raises(SystemExit) as e:
+            train.main(["--model", str(root), "--data", str(small), "--out", str(tmp_path / "bad"), *extra])
+        assert message in error_line(e, capsys)
+        assert not (tmp_path / "bad" / "pytorch_lora_weights.safetensors").exists()
+
+
 # ----------------------------------------------------------------------------------------------
 # Training
 

@@ -13,6 +13,11 @@ written first and is the truth (it records the LoRA file's hash: --resume rewrit
 left behind); --resume drops the log lines after the checkpoint's step, and a line a kill cut short.
 The first non-finite loss or gradient stops the run with an error naming the step, before the update.
 
+--compact S [S ...] trains the alternative to dropping instead: each reference, unless the step keeps
+all (--keep-all-prob), is downscaled by a factor drawn from the list (the step's draw, like the keep
+fractions), every position at lower resolution at ids spanning the full grid (klein.reference_ids);
+the cache must hold those latents (data.py --compact; a manifest is cached so).
+
 This file reads top to bottom: the keyed draws and the training example, the loss, the step and the
 loop (`train`), the command line. The loop calls hooks after every step: the validation loss
 (--val-data; here, made of the same example and loss as training) and, from train_extras.py, preview
@@ -65,7 +70,7 @@ from tqdm import tqdm
 import lora
 import quant
 import train_extras
-from data import check_max_area
+from data import MAX_COMPACT, check_max_area
 from files import ArgumentParser, fail
 from klein import empirical_mu, grid_ids, n_keep, pack, reference_ids, text_ids
 from model import Flux2
@@ -83,6 +88,7 @@ from train_run import (
 )
 
 MU_STEPS = 50  # the step count whose schedule shift training follows (base klein's default)
+KEEP_RANGE = [0.05, 0.25]  # the paper's range of keep fractions
 
 
 def generator(*key):
@@ -112,13 +118,31 @@ def keep_fractions(g, n_refs, keep_range, keep_all_prob):
     return [lo + (hi - lo) * torch.rand((), generator=g).item() for _ in range(n_refs)]
 
 
-def drop_references(refs, g, keeps):
+def compact_factors(g, n_refs, factors, keep_all_prob):
+    """--compact: the factor each of n_refs reference slots is downscaled by, or None: full size; drawn
+    like keep_fractions, from the step's generator, so every example of the step gets the same ones."""
+    if torch.rand((), generator=g).item() < keep_all_prob:
+        return None
+    return [factors[int(torch.randint(len(factors), (), generator=g))] for _ in range(n_refs)]
+
+
+def compact_item(item, factors):
+    """item with reference k replaced by its compact latents at factors[k] (the cache's ref.K.xS) and the
+    full-size grid each stands for (spans); factors None leaves it as it is."""
+    if factors is None:
+        return item
+    refs = [item["compact"][f][k] for k, f in enumerate(factors)]
+    return item | dict(refs=refs, spans=[tuple(z.shape[1:]) for z in item["refs"]])
+
+
+def drop_references(refs, g, keeps, spans=None):
     """Reference latents [(C, h, w)] -> surviving tokens (M, C) and their original ids (M, 4): reference
-    k keeps n_keep(keeps[k], h w) tokens drawn by g (uniform, without replacement); keeps None keeps all."""
+    k keeps n_keep(keeps[k], h w) tokens drawn by g (uniform, without replacement); keeps None keeps all.
+    spans: the full-size grid of each compact reference (klein.reference_ids), else None."""
     tokens, ids = [], []
     for k, z in enumerate(refs):
         h, w = z.shape[1:]
-        x, i = pack(z[None])[0], reference_ids(k, h, w)  # (h * w, C), (h * w, 4)
+        x, i = pack(z[None])[0], reference_ids(k, h, w, spans[k] if spans else None)  # (h * w, C), (h * w, 4)
         if keeps is not None:
             keep = torch.randperm(h * w, generator=g)[: n_keep(keeps[k], h * w)].sort().values
             x, i = x[keep], i[keep]
@@ -134,7 +158,7 @@ def training_example(item, g, keeps):
     x0 = pack(item["target"][None].float())[0]  # (N, C)
     s = sample_sigma(g, h * w)
     noise = torch.randn(x0.shape, generator=g)
-    ref, ref_ids = drop_references(item["refs"], g, keeps)
+    ref, ref_ids = drop_references(item["refs"], g, keeps, item.get("spans"))
     txt = item["txt"].float()
     return dict(x0=x0, noise=noise, s=torch.tensor(s), img_ids=grid_ids(h, w), ref=ref.float(), ref_ids=ref_ids, txt=txt)
 
@@ -287,8 +311,13 @@ def step_examples(data, batch, step, rank, world, args):
     """This process's share of a global batch (indices into data), as training examples of step `step`."""
     mine = batch[rank::world]
     items = [data[i] for i in mine]
-    keeps = [keep_fractions(generator(args.seed, step, "keep"), len(item["refs"]), args.keep_range, args.keep_all_prob)
-             for item in items]  # keyed by the step: shared by its examples  # fmt: skip
+    if args.compact:  # downscaled references instead of dropped tokens
+        items = [compact_item(item, compact_factors(generator(args.seed, step, "keep"), len(item["refs"]), args.compact,
+                                                    args.keep_all_prob)) for item in items]  # fmt: skip
+        keeps = [None] * len(items)
+    else:
+        keeps = [keep_fractions(generator(args.seed, step, "keep"), len(item["refs"]), args.keep_range, args.keep_all_prob)
+                 for item in items]  # keyed by the step: shared by its examples  # fmt: skip
     draws = [generator(args.seed, step, i) for i in mine]  # keyed by the example, not by the process
     return [training_example(item, g, k) for item, g, k in zip(items, draws, keeps)]
 
@@ -312,8 +341,13 @@ def gradient(model, params, examples, n, args, world, device):
     return loss_sum.item() / n, grad_norm.item()
 
 
-def check_fits(data, cfg, option="--data"):
-    """data (a CachedDataset), if its latents and text fit the transformer config cfg."""
+def check_fits(data, cfg, option="--data", compact=()):
+    """data (a CachedDataset), if its latents and text fit the transformer config cfg (and it holds the
+    compact latents --compact asks for)."""
+    missing = sorted({f for e in data.index for f in compact if f not in e.get("compact", [])})
+    if missing:
+        raise ValueError(f"--compact {' '.join(map(str, missing))}: {option} holds no references downscaled by that factor; "
+                         f"cache it with data.py --compact {' '.join(map(str, compact))}")  # fmt: skip
     if (data.channels, data.text_dim) != (cfg.in_channels, cfg.context_dim):
         raise ValueError(f"{option}: the cache does not fit the model: latents of {data.channels} channels and text of "
                          f"{data.text_dim} (the transformer takes {cfg.in_channels} and {cfg.context_dim})")
@@ -328,7 +362,7 @@ def train(args, rank, world, device):
         return
     cfg, run, state = checked
     train_extras.check_files(args)  # --val-data, --sample-file: read and checked before any model loads
-    data = check_fits(open_data(args, rank, world, device), cfg)
+    data = check_fits(open_data(args, rank, world, device), cfg, compact=args.compact)
     hooks = make_hooks(args, cfg, rank, world, device)  # validation, previews, loss plot: before the transformer
     model, params, opt = lora_model(args, device)
     start = resume(args.out, state, model, opt, rank)
@@ -404,9 +438,12 @@ def parse_args(argv=None):
                    help="at most this many examples per forward; they stack when their target grids agree")
     p.add_argument("--grad-accum", type=int, default=1, help="each process takes batch-size x grad-accum examples per step")
     p.add_argument("--max-grad-norm", type=float, default=1.0, help="clip the LoRA gradient to this norm")
-    p.add_argument("--keep-range", type=float, nargs=2, default=[0.05, 0.25], metavar=("LO", "HI"),
-                   help="each reference keeps a fraction ~ U(LO, HI) of its tokens")
+    p.add_argument("--keep-range", type=float, nargs=2, default=None, metavar=("LO", "HI"),
+                   help=f"each reference keeps a fraction ~ U(LO, HI) of its tokens (default: {KEEP_RANGE[0]} {KEEP_RANGE[1]}, the paper's)")
     p.add_argument("--keep-all-prob", type=float, default=0.1, help="probability that an example keeps all reference tokens")
+    p.add_argument("--compact", type=int, nargs="+", default=[], metavar="S",
+                   help="instead of dropping tokens, downscale each reference by a factor drawn from these (compact references; "
+                        "a cache made with data.py --compact S ...; a manifest is cached so) (default: drop)")  # fmt: skip
     p.add_argument("--kv", action="store_true", help="train in the KV pattern: references at t = 0 attend only to references")
     p.add_argument("--weights", choices=sorted(quant.FORMATS), default=None,
                    help="a frozen 8-bit base: the block Linears in fp8 or int8, dequantized per matmul (default: bf16 on GPU)")
@@ -425,6 +462,12 @@ def parse_args(argv=None):
     train_extras.add_options(p)
     args = p.parse_args(argv)
     train_extras.check_options(p, args)
+    for f in args.compact:
+        if not 2 <= f <= MAX_COMPACT:
+            p.error(f"--compact must be an integer in [2, {MAX_COMPACT}], got {f}")
+    if args.compact and args.keep_range is not None:
+        p.error("--keep-range cannot apply with --compact (compact references keep every token they have)")
+    args.keep_range = args.keep_range or KEEP_RANGE
     lo, hi = args.keep_range
     if not 0 < lo <= hi <= 1:
         p.error(f"--keep-range needs 0 < LO <= HI <= 1, got {lo} {hi}")

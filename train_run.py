@@ -38,7 +38,7 @@ MAX_OPTIMIZER_STEPS = 10**8  # bounds --steps, --warmup and --save-every
 DIST_TIMEOUT_MINUTES = 240  # caching a large manifest on process 0 takes hours; NCCL's default is 10 minutes
 # what defines a run: --resume refuses to change these (the number of processes may change)
 RUN = (
-    "rank", "alpha", "targets", "lr", "weight_decay", "warmup", "max_grad_norm", "keep_range", "keep_all_prob", "kv", "seed",
+    "rank", "alpha", "targets", "lr", "weight_decay", "warmup", "max_grad_norm", "keep_range", "keep_all_prob", "compact", "kv", "seed",
     "weights",
 )  # fmt: skip
 
@@ -117,7 +117,7 @@ def open_data(args, rank, world, device, data=None, cache="cache"):
     problem = None
     if rank == 0:
         try:
-            encode_manifest(data, args.model, cache, args.max_area, args.skip_bad, device)
+            encode_manifest(data, args.model, cache, args.max_area, args.skip_bad, device, args.compact)
         except (ValueError, OSError) as e:
             problem = str(e)
         gc.collect()  # the encoders are gone: free their memory before the transformer loads
