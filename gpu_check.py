@@ -63,7 +63,7 @@ import torch
 
 import bench
 import lora
-from bench_measure import bench_config, build_model, forward_flops, machine, peak_bytes
+from bench_measure import bench_config, build_model, forward_flops, machine, peak_bytes, seconds
 from files import ArgumentParser, check_number, check_writable, check_writable_folder, fail, resolve_device, write_atomic
 from gpu_checks import Check, compile_like_cli, first_line, rel_err, run_checks
 from klein import n_keep
@@ -218,7 +218,7 @@ def nine_b_section(device, dtype, S, args, budget, log):
         model(img, img_ids, txt, txt_ids, t, kv_cache=cache, pe=pe[:, : n_txt + n_img])
 
     sample_peak = peak_bytes(sample_step, device)  # also the warm-up
-    sample_s = min(timed(sample_step, device) for _ in range(args.rounds))
+    sample_s = min(seconds(sample_step, device) for _ in range(args.rounds))
 
     lora.inject(model, rank=LORA_RANK)  # train.py's default targets over the 8-bit base, float32 factors
     model.gradient_checkpointing = True
@@ -243,7 +243,7 @@ def nine_b_section(device, dtype, S, args, budget, log):
     held = [*params, *(p.grad for p in params), *(t for st in opt.state.values() for t in st.values() if torch.is_tensor(t))]
     lora_state = sum(t.numel() * t.element_size() for t in held)
     train_peak = peak_bytes(train_step, device)
-    train_s = min(timed(train_step, device) for _ in range(args.rounds))
+    train_s = min(seconds(train_step, device) for _ in range(args.rounds))
     plan_lora = weight_bytes(cfg, 16, LORA_RANK) - weight_bytes(cfg, 16)
     plan_sample = activation_peak(cfg, n_txt, n_img, n_ref, kv=True, dtype=dtype) + deq
     plan_train = activation_peak(cfg, n_txt, n_img, n_ref, train=True, checkpointing=True, rank=LORA_RANK, dtype=dtype) + deq
@@ -261,14 +261,6 @@ def nine_b_section(device, dtype, S, args, budget, log):
              f"({deq / MIB:.0f} MiB) to each step's activations. Training in all fits a {fits(plan_total / GIB)} card by the plan"
              + ("" if total is None else f", a {fits(total / GIB)} card by the measurement") + " (CUDA context on top)."]  # fmt: skip
     return dict(rows=rows, notes=notes)
-
-
-def timed(fn, device):
-    synchronize(device)
-    start = time.perf_counter()
-    fn()
-    synchronize(device)
-    return time.perf_counter() - start
 
 
 def dtype_name(dtype):

@@ -79,7 +79,8 @@ MAX_COMPACT = 64  # a 1024 px reference downscaled 64x is one token
 
 def references(args):
     """--ref, each a klein.Compact where --compact downscales it."""
-    factors = (args.compact or [1]) * (len(args.ref) if len(args.compact or [1]) == 1 else 1)
+    factors = args.compact or [1]
+    factors = factors * len(args.ref) if len(factors) == 1 else factors
     return [r if f == 1 else Compact(r, f) for r, f in zip(args.ref, factors)]
 
 

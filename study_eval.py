@@ -315,8 +315,8 @@ def choose(examples, items, keep, selector, factor, seed):
         return every
     rule = selector.split("+")[1]
     small = [dict(pixels=[to_uint8(compact_pixels(px, factor)) for px in ex["pixels"]]) for ex in examples]
-    fractions = [[min(1.0, keep * (SIZE // 16) ** 2 / len(e)) for e in ev] for ev in every]
-    return [select([s], f[0], rule, seed * 7919 + i)[0] for i, (s, f) in enumerate(zip(small, fractions))]
+    fraction = lambda ev: min(1.0, keep * (SIZE // 16) ** 2 / len(ev[0]))  # of the compact grid (one size per example)
+    return [select([s], fraction(ev), rule, seed * 7919 + i)[0] for i, (s, ev) in enumerate(zip(small, every))]
 
 
 def rescorer(model, examples, items, keep, seed, how):
